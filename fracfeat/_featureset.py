@@ -1,0 +1,110 @@
+"""FeatureSet: one store version in memory, the object ``extract`` returns and ``fit`` consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ._sources import UNLABELED
+
+DEFAULT_CLASSES = ("not_fractured", "fractured")
+
+
+@dataclass
+class FeatureSet:
+    """Feature rows plus what is known of each image.
+
+    Attributes
+    ----------
+    X : ndarray of shape (n_images, n_features), float32
+    y : ndarray of shape (n_images,), int, or None
+        1 = fractured, 0 = not fractured, -1 = unlabeled row in a partly labeled set.
+        None when no row has a label.
+    ids : ndarray of str
+        sha256 of each image file's bytes.
+    paths, groups, splits, class_names : ndarray of str
+        Per row; empty strings where the source said nothing.
+    classes : tuple of str
+        Display names of label 0 and label 1 (the source's own names when it had them).
+    version : int or None
+        Store version the rows come from.
+    provenance : dict
+        How the features were made (backbone, weights identity, sizes, versions...).
+    failures : list of dict
+        Files that could not be used: ``{"path", "id", "reason"}``.
+    truncated : ndarray of bool
+        Rows decoded from truncated files (read as far as they go).
+    """
+
+    X: np.ndarray
+    y: np.ndarray | None
+    ids: np.ndarray
+    paths: np.ndarray
+    groups: np.ndarray
+    splits: np.ndarray
+    class_names: np.ndarray
+    classes: tuple = DEFAULT_CLASSES
+    version: int | None = None
+    provenance: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+    truncated: np.ndarray | None = None
+    store: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        n_pos = int((self.y == 1).sum()) if self.y is not None else None
+        lab = f", {n_pos} fractured" if n_pos is not None else ", unlabeled"
+        return (f"FeatureSet({len(self)} images x {self.n_features} features{lab}, "
+                f"backbone={self.provenance.get('backbone')!r}, version={self.version}, failures={len(self.failures)})")
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1]) if self.X.ndim == 2 else 0
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.provenance.get("fingerprint")
+
+    @property
+    def has_groups(self) -> bool:
+        return bool(len(self.groups)) and all(g != "" for g in self.groups)
+
+    @property
+    def split_names(self) -> list[str]:
+        return sorted({s for s in self.splits if s}, key=lambda s: ("train", "val", "test").index(s)
+                      if s in ("train", "val", "test") else 3)
+
+    def subset(self, rows) -> "FeatureSet":
+        """A FeatureSet of the selected rows (boolean mask or integer indices)."""
+        rows = np.asarray(rows)
+        tr = None if self.truncated is None else self.truncated[rows]
+        return replace(
+            self, X=self.X[rows], y=None if self.y is None else self.y[rows], ids=self.ids[rows],
+            paths=self.paths[rows], groups=self.groups[rows], splits=self.splits[rows],
+            class_names=self.class_names[rows], truncated=tr, failures=[],
+        )
+
+    def split(self, name: str) -> "FeatureSet":
+        """Rows of one split ("train", "val", "test")."""
+        if name not in set(self.splits):
+            raise KeyError(f"no split {name!r} in this feature set; it has {self.split_names or 'no splits'}")
+        return self.subset(self.splits == name)
+
+    def labeled(self) -> "FeatureSet":
+        """Only rows with a label."""
+        if self.y is None:
+            return self.subset(np.zeros(len(self), dtype=bool))
+        return self.subset(self.y != UNLABELED)
+
+
+def classes_from_rows(labels: np.ndarray, class_names: np.ndarray) -> tuple[str, str]:
+    """The source's own names for label 0 and 1, falling back to the defaults."""
+    names = list(DEFAULT_CLASSES)
+    for label in (0, 1):
+        seen = sorted({n for n, l in zip(class_names, labels) if l == label and n})
+        if len(seen) == 1:
+            names[label] = seen[0]
+    return tuple(names)

@@ -1,0 +1,584 @@
+"""The versioned HDF5 feature store. It knows nothing of Keras or images.
+
+Layout of a store directory (docs/store-format.md is the reference)::
+
+    STORE/
+      fracfeat-store.json          marker: format name and version
+      versions/v000001.h5          one immutable, self-contained HDF5 file per version
+      checkpoints/<fp>/<run>-<k>.h5  rows computed by runs that have not committed yet
+      tmp/                         files being written (never read)
+      .lock                        taken by writers (filelock)
+
+Why one file per version: a version is written to ``tmp/`` and renamed into ``versions/`` in one
+``os.replace``, so a crash can never leave a half-written version that looks complete, and an
+existing version file is never opened for writing again. Plain h5py or h5dump reads any version
+file on its own.
+
+The cache: rows are keyed by (extractor fingerprint, sha256 of the image bytes). Every version and
+checkpoint file of a fingerprint is a cache source; ``extract`` computes only ids none of them hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ._errors import StoreError
+from ._featureset import FeatureSet, classes_from_rows
+
+log = logging.getLogger("fracfeat")
+
+FORMAT_NAME = "fracfeat-store"
+FORMAT_VERSION = 1
+MARKER = "fracfeat-store.json"
+_ROW_DATASETS = ("ids", "paths", "labels", "class_names", "splits", "groups", "truncated")
+_CHECKSUMMED = ("features",) + _ROW_DATASETS + ("failures/paths", "failures/ids", "failures/reasons")
+
+
+def _str_dtype():
+    import h5py
+
+    return h5py.string_dtype("utf-8")
+
+
+def _as_str_array(values) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    return out
+
+
+def dataset_sha256(ds) -> str:
+    """sha256 of a dataset's logical content (independent of chunking and compression)."""
+    h = hashlib.sha256()
+    n = ds.shape[0] if ds.shape else 0
+    step = max(1, (64 << 20) // max(1, int(np.prod(ds.shape[1:], dtype=np.int64)) * max(ds.dtype.itemsize, 1)))
+    for start in range(0, n, step):
+        block = ds[start:start + step]
+        if block.dtype.kind in ("O", "S", "U"):
+            for v in block:
+                h.update(v if isinstance(v, bytes) else str(v).encode("utf-8"))
+                h.update(b"\0")
+        else:
+            h.update(np.ascontiguousarray(block).tobytes())
+    return h.hexdigest()
+
+
+def records_sha256(ids, paths, labels, class_names, splits, groups) -> str:
+    """Hash of the row table (not the features): equal tables mean an identical version."""
+    h = hashlib.sha256()
+    for row in zip(ids, paths, labels, class_names, splits, groups):
+        h.update("\x1f".join(str(v) for v in row).encode("utf-8"))
+        h.update(b"\x1e")
+    return h.hexdigest()
+
+
+def read_rows(ds, rows: np.ndarray) -> np.ndarray:
+    """``ds[rows]`` for any (unsorted, repeated) integer rows, reading contiguous spans where cheap."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return np.empty((0,) + ds.shape[1:], dtype=ds.dtype)
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    if hi - lo <= 4 * len(rows) + 64:
+        return ds[lo:hi][rows - lo]
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    return ds[uniq][inverse]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What ``FeatureStore.versions()`` lists for each version."""
+
+    version: int
+    path: str
+    created: str
+    fingerprint: str
+    backbone: str
+    image_size: int
+    pooling: str
+    n_images: int
+    n_features: int
+    n_failed: int
+    parent: int
+    source: str
+
+    def describe(self) -> str:
+        parent = f", from v{self.parent}" if self.parent else ""
+        return (f"v{self.version}  {self.created}  {self.backbone} {self.image_size}px {self.pooling}  "
+                f"{self.n_images} images x {self.n_features}  {self.n_failed} failed{parent}  {self.source}")
+
+
+@dataclass
+class StoreDiff:
+    """Images added, removed and relabeled between two versions (by content hash)."""
+
+    a: int
+    b: int
+    added: list = field(default_factory=list)  # paths in b, not a
+    removed: list = field(default_factory=list)  # paths in a, not b
+    relabeled: list = field(default_factory=list)  # (path, old label, new label)
+    moved: list = field(default_factory=list)  # (old path, new path): same bytes, another path
+
+    @property
+    def unchanged(self) -> bool:
+        return not (self.added or self.removed or self.relabeled or self.moved)
+
+    def summary(self) -> str:
+        return (f"v{self.a} -> v{self.b}: {len(self.added)} added, {len(self.removed)} removed, "
+                f"{len(self.relabeled)} relabeled, {len(self.moved)} moved")
+
+
+@dataclass
+class VerifyReport:
+    version: int
+    path: str
+    problems: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class RowWriter:
+    """Writes a new version file in ``tmp/``, rows streamed in order, then commits it atomically."""
+
+    def __init__(self, store: "FeatureStore", n_rows: int, n_features: int):
+        import h5py
+
+        self.store = store
+        self.tmp_path = store.root / "tmp" / f"{uuid.uuid4().hex}.h5"
+        self.file = h5py.File(self.tmp_path, "w")
+        chunk_rows = max(1, min(n_rows, max(1, (1 << 20) // max(4 * n_features, 1))))
+        self.features = self.file.create_dataset(
+            "features", shape=(n_rows, n_features), dtype="float32",
+            chunks=(chunk_rows, n_features) if n_rows else None,
+            compression="gzip" if n_rows else None, compression_opts=1 if n_rows else None,
+            shuffle=bool(n_rows),
+        )
+        self.n_rows = n_rows
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self.features[start:start + len(rows)] = rows
+
+    def finish(self, table: dict, failures: list[dict], attrs: dict) -> None:
+        f = self.file
+        s = _str_dtype()
+        f.create_dataset("ids", data=np.array(table["ids"], dtype="S64"))
+        for name in ("paths", "class_names", "splits", "groups"):
+            f.create_dataset(name, data=_as_str_array(table[name]), dtype=s)
+        f.create_dataset("labels", data=np.asarray(table["labels"], dtype=np.int8))
+        f.create_dataset("truncated", data=np.asarray(table["truncated"], dtype=np.int8))
+        g = f.create_group("failures")
+        g.create_dataset("paths", data=_as_str_array([x["path"] for x in failures]), dtype=s)
+        g.create_dataset("ids", data=_as_str_array([x.get("id", "") for x in failures]), dtype=s)
+        g.create_dataset("reasons", data=_as_str_array([x["reason"] for x in failures]), dtype=s)
+        checksums = {name: dataset_sha256(f[name]) for name in _CHECKSUMMED}
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["checksums"] = json.dumps(checksums, sort_keys=True)
+        f.attrs["format"] = FORMAT_NAME
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["complete"] = 0  # set to 1 under the lock, just before the rename
+        self.file.close()
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except Exception:
+            pass
+        self.tmp_path.unlink(missing_ok=True)
+
+
+class FeatureStore:
+    """A directory of immutable, versioned HDF5 feature files.
+
+    Parameters
+    ----------
+    root : str or Path
+        The store directory. Created on first write; reading a missing store raises StoreError.
+    lock_timeout : float
+        Seconds a writer waits for another writer to finish before giving up (-1 waits forever).
+
+    Examples
+    --------
+    >>> store = FeatureStore("fracfeat-store")          # doctest: +SKIP
+    >>> [v.describe() for v in store.versions()]         # doctest: +SKIP
+    >>> fs = store.open("latest")                        # doctest: +SKIP
+    >>> store.diff(1, 2).summary()                       # doctest: +SKIP
+    """
+
+    def __init__(self, root, lock_timeout: float = 600.0):
+        self.root = Path(os.fspath(root)).expanduser()
+        self.lock_timeout = lock_timeout
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.root)!r})"
+
+    # -- layout ---------------------------------------------------------------------------------
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    def _version_path(self, n: int) -> Path:
+        return self.versions_dir / f"v{n:06d}.h5"
+
+    def exists(self) -> bool:
+        return (self.root / MARKER).is_file()
+
+    def _require_exists(self) -> None:
+        if not self.exists():
+            if self.root.exists() and any(self.root.iterdir()):
+                raise StoreError(f"{self.root} is not a fracfeat store (no {MARKER}); point to a store directory")
+            raise StoreError(f"no feature store at {self.root}: run extract(..., store={str(self.root)!r}) first")
+
+    def create(self) -> None:
+        """Create the directory layout (idempotent)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store path {self.root} is a file; give a directory for store=")
+        if self.root.is_dir() and not self.exists() and any(p.name != ".lock" for p in self.root.iterdir()):
+            raise StoreError(f"{self.root} exists and is not a fracfeat store; choose an empty or new directory for store=")
+        for d in (self.root, self.versions_dir, self.root / "tmp", self.root / "checkpoints"):
+            d.mkdir(parents=True, exist_ok=True)
+        marker = self.root / MARKER
+        if not marker.exists():
+            tmp = self.root / "tmp" / f"marker-{uuid.uuid4().hex}"
+            tmp.write_text(json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION}) + "\n")
+            os.replace(tmp, marker)
+
+    @contextmanager
+    def write_lock(self):
+        """Exclusive writer lock; a second writer waits up to ``lock_timeout`` seconds."""
+        from filelock import FileLock, Timeout
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("store %s is being written by another process; waiting up to %ss", self.root, self.lock_timeout)
+            try:
+                lock.acquire(timeout=self.lock_timeout)
+            except Timeout:
+                raise StoreError(
+                    f"store {self.root} is locked by another writer (held for more than {self.lock_timeout}s). "
+                    f"Wait for it to finish, or use another store= directory."
+                ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- reading --------------------------------------------------------------------------------
+    def version_numbers(self) -> list[int]:
+        if not self.versions_dir.is_dir():
+            return []
+        nums = []
+        for p in self.versions_dir.glob("v*.h5"):
+            try:
+                nums.append(int(p.stem[1:]))
+            except ValueError:
+                continue
+        return sorted(nums)
+
+    def resolve(self, version="latest") -> int:
+        """Version number for ``version`` (an int, "latest", "v3" or "3")."""
+        self._require_exists()
+        nums = self.version_numbers()
+        if not nums:
+            raise StoreError(f"store {self.root} holds no versions yet: run extract first")
+        if version in (None, "latest"):
+            return nums[-1]
+        try:
+            n = int(str(version).lstrip("vV"))
+        except ValueError:
+            raise StoreError(f"version {version!r}: give a number, 'v<number>' or 'latest'") from None
+        if n not in nums:
+            raise StoreError(f"store {self.root} has no version {n}; it has {', '.join(f'v{x}' for x in nums)}")
+        return n
+
+    def _open_h5(self, n: int):
+        import h5py
+
+        path = self._version_path(n)
+        try:
+            return h5py.File(path, "r")
+        except OSError as e:
+            raise StoreError(f"{path} cannot be opened as HDF5 ({e}); run `fracfeat store verify {self.root}`") from None
+
+    def info(self, version="latest") -> VersionInfo:
+        n = self.resolve(version)
+        with self._open_h5(n) as f:
+            return self._info_from(n, f)
+
+    def _info_from(self, n: int, f) -> VersionInfo:
+        a = f.attrs
+        return VersionInfo(
+            version=n, path=str(self._version_path(n)), created=str(a.get("created", "")),
+            fingerprint=str(a.get("fingerprint", "")), backbone=str(a.get("backbone", "")),
+            image_size=int(a.get("image_size", 0)), pooling=str(a.get("pooling", "")),
+            n_images=int(f["features"].shape[0]), n_features=int(f["features"].shape[1]),
+            n_failed=int(f["failures/paths"].shape[0]), parent=int(a.get("parent", 0)),
+            source=str(a.get("source", "")),
+        )
+
+    def versions(self) -> list[VersionInfo]:
+        """Every version, oldest first."""
+        if not self.exists():
+            return []
+        out = []
+        for n in self.version_numbers():
+            with self._open_h5(n) as f:
+                out.append(self._info_from(n, f))
+        return out
+
+    def provenance(self, version="latest") -> dict:
+        n = self.resolve(version)
+        with self._open_h5(n) as f:
+            return json.loads(f.attrs["provenance"])
+
+    def open(self, version="latest") -> FeatureSet:
+        """Load a version as a :class:`FeatureSet` (features in memory)."""
+        n = self.resolve(version)
+        with self._open_h5(n) as f:
+            labels = f["labels"][:].astype(np.int64)
+            class_names = _as_str_array(f["class_names"][:])
+            y = labels if (labels != -1).any() else None
+            failures = [
+                {"path": p, "id": i, "reason": r}
+                for p, i, r in zip(_as_str_array(f["failures/paths"][:]), _as_str_array(f["failures/ids"][:]),
+                                   _as_str_array(f["failures/reasons"][:]))
+            ]
+            provenance = json.loads(f.attrs["provenance"])
+            provenance["version"] = n
+            return FeatureSet(
+                X=f["features"][:], y=y, ids=_as_str_array(f["ids"][:]), paths=_as_str_array(f["paths"][:]),
+                groups=_as_str_array(f["groups"][:]), splits=_as_str_array(f["splits"][:]),
+                class_names=class_names, classes=classes_from_rows(labels, class_names), version=n,
+                provenance=provenance, failures=failures, truncated=f["truncated"][:].astype(bool),
+                store=str(self.root),
+            )
+
+    def diff(self, a, b="latest") -> StoreDiff:
+        """What changed between versions ``a`` and ``b``, by image content hash."""
+        na, nb = self.resolve(a), self.resolve(b)
+        tables = []
+        for n in (na, nb):
+            with self._open_h5(n) as f:
+                tables.append(dict(zip(_as_str_array(f["ids"][:]),
+                                       zip(_as_str_array(f["paths"][:]), f["labels"][:].tolist()))))
+        ta, tb = tables
+        d = StoreDiff(na, nb)
+        d.added = sorted(tb[i][0] for i in tb.keys() - ta.keys())
+        d.removed = sorted(ta[i][0] for i in ta.keys() - tb.keys())
+        for i in sorted(ta.keys() & tb.keys(), key=lambda i: tb[i][0]):
+            (pa, la), (pb, lb) = ta[i], tb[i]
+            if la != lb:
+                d.relabeled.append((pb, la, lb))
+            if pa != pb:
+                d.moved.append((pa, pb))
+        return d
+
+    def verify(self, version=None) -> list[VerifyReport]:
+        """Recompute every dataset's checksum; a report per version (all versions by default)."""
+        self._require_exists()
+        nums = self.version_numbers() if version is None else [self.resolve(version)]
+        reports = []
+        for n in nums:
+            r = VerifyReport(n, str(self._version_path(n)))
+            try:
+                with self._open_h5(n) as f:
+                    if f.attrs.get("format") != FORMAT_NAME or int(f.attrs.get("complete", 0)) != 1:
+                        r.problems.append("not a complete fracfeat version file")
+                    expected = json.loads(f.attrs.get("checksums", "{}"))
+                    for name in _CHECKSUMMED:
+                        if name not in f:
+                            r.problems.append(f"dataset {name!r} is missing")
+                            continue
+                        try:
+                            got = dataset_sha256(f[name])
+                        except Exception as e:  # a damaged chunk fails to decompress
+                            r.problems.append(f"dataset {name!r} cannot be read: {e}")
+                            continue
+                        if expected.get(name) != got:
+                            r.problems.append(f"dataset {name!r} does not match its checksum (damaged)")
+            except StoreError as e:
+                r.problems.append(str(e))
+            reports.append(r)
+        return reports
+
+    # -- the cache ------------------------------------------------------------------------------
+    def _checkpoint_dir(self, fingerprint: str) -> Path:
+        return self.root / "checkpoints" / fingerprint[:32]
+
+    def _cache_files(self, fingerprint: str) -> list[Path]:
+        files = []
+        for n in self.version_numbers():
+            p = self._version_path(n)
+            try:
+                import h5py
+
+                with h5py.File(p, "r") as f:
+                    if f.attrs.get("fingerprint") == fingerprint:
+                        files.append(p)
+            except OSError:
+                log.warning("skipping unreadable version file %s (run verify)", p)
+        cdir = self._checkpoint_dir(fingerprint)
+        if cdir.is_dir():
+            files.extend(sorted(cdir.glob("*.h5")))
+        return files
+
+    def cache_index(self, fingerprint: str) -> dict[str, tuple[Path, int, bool]]:
+        """id -> (file, row, truncated) for every row ever computed under ``fingerprint``."""
+        import h5py
+
+        index: dict[str, tuple[Path, int, bool]] = {}
+        if not self.root.is_dir():
+            return index
+        for p in self._cache_files(fingerprint):
+            try:
+                with h5py.File(p, "r") as f:
+                    if f.attrs.get("fingerprint") != fingerprint:
+                        continue
+                    flags = f["truncated"][:] if "truncated" in f else np.zeros(f["ids"].shape[0], np.int8)
+                    for row, (i, t) in enumerate(zip(f["ids"][:], flags)):
+                        index.setdefault(i.decode("ascii"), (p, row, bool(t)))
+            except (OSError, KeyError):
+                log.warning("skipping unreadable cache file %s", p)
+        return index
+
+    def write_checkpoint(self, fingerprint: str, run_id: str, seq: int, ids, features: np.ndarray, truncated) -> Path:
+        """Persist freshly computed rows atomically, so a killed run loses at most one checkpoint."""
+        import h5py
+
+        cdir = self._checkpoint_dir(fingerprint)
+        cdir.mkdir(parents=True, exist_ok=True)
+        final = cdir / f"{run_id}-{seq:06d}.h5"
+        tmp = self.root / "tmp" / f"ckpt-{uuid.uuid4().hex}.h5"
+        with h5py.File(tmp, "w") as f:
+            f.attrs["fingerprint"] = fingerprint
+            f.create_dataset("ids", data=np.array(list(ids), dtype="S64"))
+            f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
+            f.create_dataset("truncated", data=np.asarray(truncated, dtype=np.int8))
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(cdir)
+        return final
+
+    def gather(self, locations) -> np.ndarray:
+        """Feature rows at (file, row, ...) locations (as ``cache_index`` gives them), in the order given."""
+        import h5py
+
+        out = None
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for k, (p, row, *_) in enumerate(locations):
+            by_file.setdefault(p, []).append((k, row))
+        for p, items in by_file.items():
+            with h5py.File(p, "r") as f:
+                ds = f["features"]
+                if out is None:
+                    out = np.empty((len(locations), ds.shape[1]), dtype=np.float32)
+                ks = np.array([k for k, _ in items])
+                out[ks] = read_rows(ds, np.array([r for _, r in items]))
+        return out if out is not None else np.empty((0, 0), np.float32)
+
+    # -- writing --------------------------------------------------------------------------------
+    def find_identical(self, fingerprint: str, content_sha256: str) -> int | None:
+        import h5py
+
+        for n in reversed(self.version_numbers()):
+            with h5py.File(self._version_path(n), "r") as f:
+                if f.attrs.get("fingerprint") == fingerprint and f.attrs.get("content_sha256") == content_sha256:
+                    return n
+        return None
+
+    def latest_with_fingerprint(self, fingerprint: str) -> int:
+        import h5py
+
+        for n in reversed(self.version_numbers()):
+            with h5py.File(self._version_path(n), "r") as f:
+                if f.attrs.get("fingerprint") == fingerprint:
+                    return n
+        return 0
+
+    def begin_version(self, n_rows: int, n_features: int) -> RowWriter:
+        return RowWriter(self, n_rows, n_features)
+
+    def commit(self, writer: RowWriter, fingerprint: str) -> int:
+        """Number the finished tmp file and rename it into versions/ (caller holds the write lock)."""
+        import h5py
+
+        n = (self.version_numbers() or [0])[-1] + 1
+        parent = self.latest_with_fingerprint(fingerprint)
+        with h5py.File(writer.tmp_path, "r+") as f:
+            prov = json.loads(f.attrs["provenance"])
+            prov.update(version=n, parent=parent)
+            f.attrs["provenance"] = json.dumps(prov, sort_keys=True)
+            f.attrs["version"] = n
+            f.attrs["parent"] = parent
+            f.attrs["complete"] = 1
+        _fsync_file(writer.tmp_path)
+        final = self._version_path(n)
+        if final.exists():  # a writer that ignored the lock
+            raise StoreError(f"{final} appeared while committing; is another process writing without the lock?")
+        os.replace(writer.tmp_path, final)
+        _fsync_dir(self.versions_dir)
+        return n
+
+    def remove_checkpoints(self, fingerprint: str, covered_ids: set[str]) -> None:
+        """Delete checkpoint files whose rows all live in a committed version now."""
+        import h5py
+
+        cdir = self._checkpoint_dir(fingerprint)
+        if not cdir.is_dir():
+            return
+        for p in cdir.glob("*.h5"):
+            try:
+                with h5py.File(p, "r") as f:
+                    ids = {i.decode("ascii") for i in f["ids"][:]}
+            except OSError:
+                ids = set()
+            if ids <= covered_ids:
+                p.unlink(missing_ok=True)
+
+    def clean_tmp(self) -> None:
+        """Remove leftovers of killed writers (caller holds the write lock)."""
+        tmp = self.root / "tmp"
+        if tmp.is_dir():
+            for p in tmp.iterdir():
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
