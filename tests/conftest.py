@@ -1,0 +1,75 @@
+"""Shared fixtures: real radiographs from ../shared, tiny settings for fast tests."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FRACFEAT_SHARED", REPO.parent / "shared")).resolve()
+FRACATLAS = SHARED / "data" / "fracatlas"
+VGG16_WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
+
+# Fast settings: seeded random weights and a tiny input keep a forward pass in milliseconds.
+TINY = dict(backbone="vgg16", weights=None, image_size=32, progress=False)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def manifest_rows() -> list[dict]:
+    with open(FRACATLAS / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def fracatlas() -> Path:
+    if not (FRACATLAS / "manifest.csv").is_file():
+        pytest.skip(f"real radiographs not found at {FRACATLAS} (set FRACFEAT_SHARED to the shared/ folder)")
+    return FRACATLAS
+
+
+@pytest.fixture(scope="session")
+def vgg16_weights() -> Path:
+    if not VGG16_WEIGHTS.is_file():
+        pytest.skip(f"VGG16 ImageNet weights not found at {VGG16_WEIGHTS}")
+    return VGG16_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def real_images(fracatlas) -> dict[str, list[Path]]:
+    """A few clean real radiographs per class (use=1 rows), paths into the shared folder."""
+    rows = [r for r in manifest_rows() if r["use"] == "1"]
+    out = {}
+    for label in ("fractured", "not_fractured"):
+        out[label] = [fracatlas / r["path"] for r in rows if r["label"] == label][:6]
+    return out
+
+
+@pytest.fixture()
+def class_folder(tmp_path, real_images) -> Path:
+    """dataset/{fractured,not_fractured}/ holding 6 + 6 real radiographs."""
+    root = tmp_path / "dataset"
+    for label, paths in real_images.items():
+        (root / label).mkdir(parents=True)
+        for p in paths:
+            shutil.copy(p, root / label / p.name)
+    return root
+
+
+@pytest.fixture()
+def subprocess_env() -> dict:
+    """Environment for child processes that import this checkout's fracfeat."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return env
+
+
+@pytest.fixture()
+def python() -> str:
+    return sys.executable
