@@ -1,0 +1,267 @@
+"""The ``fracfeat`` command line: parse, call the public API, print.
+
+Results go to stdout; diagnostics go through the ``fracfeat`` logger to stderr. A user error (any
+:class:`fracfeat.FracfeatError`) prints one line to stderr and exits with status 1, without a
+traceback; ``--verbose`` shows debug logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+
+log = logging.getLogger("fracfeat")
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+_VERSION_WORDS = ("latest",)
+
+
+# -- shared helpers --------------------------------------------------------------------------------
+
+def split_store_ref(text: str) -> tuple[str, str]:
+    """``"DIR@3"`` -> ``("DIR", "3")``; ``"DIR"`` -> ``("DIR", "latest")``.
+
+    Only a suffix that reads as a version (``3``, ``v3``, ``latest``) is split off, so paths that
+    contain ``@`` elsewhere keep working.
+    """
+    head, sep, tail = str(text).rpartition("@")
+    if sep and head and (tail.lower() in _VERSION_WORDS or tail.lstrip("vV").isdigit()):
+        return head, tail
+    return str(text), "latest"
+
+
+def open_store(path):
+    """The FeatureStore at ``path``, or a StoreError saying there is none."""
+    from . import FeatureStore, StoreError
+
+    store = FeatureStore(path)
+    if not store.exists():
+        if not os.path.exists(path):
+            raise StoreError(f"no feature store at {path}: the folder does not exist (create one with `fracfeat extract SOURCE --store {path}`)")
+        raise StoreError(f"{path} is not a fracfeat feature store (no fracfeat-store.json); give the --store folder that extract wrote")
+    return store
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | None = "fracfeat-store") -> None:
+    """Options every command that computes features takes (extract, run)."""
+    g = p.add_argument_group("feature extraction")
+    g.add_argument("--backbone", default="vgg16", help="vgg16, resnet50 or efficientnetb2 (default: vgg16)")
+    if store_default is not None:
+        g.add_argument("--store", default=store_default, help=f"feature store folder (default: {store_default})")
+    g.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (Keras' download), a Keras no-top weights file, or 'none' for random weights")
+    g.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="square input size in pixels (default: the backbone's, e.g. 224)")
+    g.add_argument("--pooling", default="avg", help="avg, max or none (default: avg)")
+    g.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default: 32)")
+    g.add_argument("--precision", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    g.add_argument("--runtime", default="auto", help="auto, keras or openvino (default: auto)")
+
+
+def _extract_kwargs(args) -> dict:
+    return dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, pooling=args.pooling,
+                batch_size=args.batch_size, precision=args.precision, runtime=args.runtime,
+                progress=not args.quiet)
+
+
+# -- extract -----------------------------------------------------------------------------------------
+
+def cmd_extract(args) -> int:
+    fs, new = _extract(args.source, args.store, args, description=args.description)
+    prov = fs.provenance
+    how = (f"{prov.get('n_computed', 0)} computed, {prov.get('n_reused', 0)} from cache" if new
+           else "unchanged: every image was in the cache")
+    print(f"{args.store}: v{fs.version}  {len(fs)} images x {fs.n_features} features  ({how}, "
+          f"{len(fs.failures)} failed)")
+    return 0
+
+
+def _extract(source, store, args, **kwargs):
+    """extract() with the CLI's options; also says whether it wrote a new version."""
+    from . import FeatureStore, extract
+
+    before = {v.version for v in FeatureStore(store).versions()}
+    fs = extract(source, store=store, **_extract_kwargs(args), **kwargs)
+    return fs, fs.version not in before
+
+
+# -- store ---------------------------------------------------------------------------------------------
+
+def cmd_store_list(args) -> int:
+    store = open_store(args.store)
+    versions = store.versions()
+    if args.json:
+        _print_json([asdict(v) for v in versions])
+        return 0
+    if not versions:
+        print(f"{args.store}: no versions yet")
+    for v in versions:
+        print(v.describe())
+    return 0
+
+
+def cmd_store_show(args) -> int:
+    store = open_store(args.store)
+    info = store.info(args.version)
+    prov = store.provenance(args.version)
+    if args.json:
+        _print_json({"info": asdict(info), "provenance": prov})
+        return 0
+    print(info.describe())
+    width = max(len(k) for k in prov) if prov else 0
+    for k in sorted(prov):
+        print(f"  {k:<{width}}  {prov[k]}")
+    return 0
+
+
+def cmd_store_diff(args) -> int:
+    store = open_store(args.store)
+    d = store.diff(args.a, args.b)
+    print(d.summary())
+    limit = None if args.all else 10
+    for mark, items, show in (("+", d.added, str), ("-", d.removed, str),
+                              ("~", d.relabeled, lambda r: f"{r[0]}  label {r[1]} -> {r[2]}"),
+                              (">", d.moved, lambda r: f"{r[0]} -> {r[1]}")):
+        for item in items[:limit]:
+            print(f"{mark} {show(item)}")
+        if limit is not None and len(items) > limit:
+            print(f"{mark} ... and {len(items) - limit} more (--all lists every one)")
+    return 0
+
+
+def cmd_store_verify(args) -> int:
+    store = open_store(args.store)
+    reports = store.verify(args.version)
+    bad = [r for r in reports if not r.ok]
+    for r in reports:
+        print(f"v{r.version}  {'ok' if r.ok else 'DAMAGED'}  {r.path}")
+        for problem in r.problems:
+            print(f"    {problem}")
+    if bad:
+        print(f"fracfeat: error: {len(bad)} of {len(reports)} versions of {args.store} are damaged "
+              f"({', '.join(f'v{r.version}' for r in bad)}); re-extract them into a new store", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if not reports:
+        print(f"{args.store}: no versions to verify")
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """--quiet/--verbose, accepted before or after the subcommand."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else False
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="no progress bars and no info messages (warnings and errors still show)")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    common = _common_options(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="fracfeat", parents=[_common_options(suppress=False)],
+        description="Fracture classification on bone radiographs: deep CNN features in a versioned store, "
+                    "Optuna-tuned scikit-learn classifiers, reports.",
+    )
+    parser.add_argument("--version", action="version", version=f"fracfeat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("extract", parents=[common], help="compute CNN features of images into a store version",
+                       description="Compute deep features of every image of SOURCE into a new version of the "
+                                   "feature store (images already in the store's cache are not recomputed).")
+    p.add_argument("source", help="folder of class folders (or train/val/test folders), CSV manifest, or image file")
+    _add_extract_options(p)
+    p.add_argument("--description", default="", help="free text kept in the version's provenance")
+    p.set_defaults(func=cmd_extract)
+
+    ps = sub.add_parser("store", parents=[common], help="list, show, diff or verify a feature store",
+                        description="Inspect a feature store.")
+    store_sub = ps.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    q = store_sub.add_parser("list", parents=[common], help="one line per version", description="List every version.")
+    q.add_argument("store", help="feature store folder")
+    q.add_argument("--json", action="store_true", help="print JSON instead of text")
+    q.set_defaults(func=cmd_store_list)
+    q = store_sub.add_parser("show", parents=[common], help="a version's summary and full provenance",
+                             description="Show one version: summary line and provenance.")
+    q.add_argument("store", help="feature store folder")
+    q.add_argument("version", nargs="?", default="latest", help="version number, vN or latest (default: latest)")
+    q.add_argument("--json", action="store_true", help="print JSON instead of text")
+    q.set_defaults(func=cmd_store_show)
+    q = store_sub.add_parser("diff", parents=[common], help="images added, removed, relabeled, moved between versions",
+                             description="Compare two versions by image content hash.")
+    q.add_argument("store", help="feature store folder")
+    q.add_argument("a", help="older version")
+    q.add_argument("b", nargs="?", default="latest", help="newer version (default: latest)")
+    q.add_argument("--all", action="store_true", help="list every changed image, not the first 10 of each kind")
+    q.set_defaults(func=cmd_store_diff)
+    q = store_sub.add_parser("verify", parents=[common], help="recompute checksums; exit 1 if anything is damaged",
+                             description="Check every dataset of every version (or one) against its checksum.")
+    q.add_argument("store", help="feature store folder")
+    q.add_argument("--version", dest="version", default=None, help="check only this version")
+    q.set_defaults(func=cmd_store_verify)
+    return parser
+
+
+# -- entry point -------------------------------------------------------------------------------------
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        msg = super().format(record)
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def configure_logging(quiet: bool, verbose: bool) -> None:
+    """fracfeat's log to stderr: info by default, warnings only with --quiet, debug with --verbose."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    if not verbose:
+        # TensorFlow's C++ start-up chatter (oneDNN notes, "no CUDA driver") is noise on a CLI.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv=None) -> int:
+    """Run the ``fracfeat`` command line; returns the process exit status."""
+    from ._errors import FracfeatError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.quiet, args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except FracfeatError as e:
+        if args.verbose:
+            log.debug("traceback of the error below", exc_info=True)
+        print(f"fracfeat: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fracfeat: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `fracfeat store list DIR | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""The `fracfeat` command line, end to end in real subprocesses (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+
+from fracfeat.cli import build_parser, main, split_store_ref
+
+TINY_ARGS = ["--weights", "none", "--image-size", "32"]
+
+
+def fracfeat(python, env, *args, cwd=None, timeout=300):
+    return subprocess.run([python, "-m", "fracfeat", *map(str, args)], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_user_error(result, *words):
+    """Exit 1, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("fracfeat: error: ")
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def _subcommand_paths(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + (name,)
+                yield from _subcommand_paths(sub, prefix + (name,))
+
+
+def test_every_command_has_help(capsys):
+    paths = list(_subcommand_paths(build_parser()))
+    assert {("extract",), ("store",), ("store", "list"), ("store", "verify")} <= set(paths)
+    for path in [()] + paths:
+        with pytest.raises(SystemExit) as exc:
+            main([*path, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: fracfeat"), path
+
+
+def test_help_in_a_subprocess(python, subprocess_env):
+    r = fracfeat(python, subprocess_env, "--help")
+    assert r.returncode == 0
+    for command in ("extract", "store"):
+        assert command in r.stdout
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("store", ("store", "latest")), ("store@3", ("store", "3")), ("store@v12", ("store", "v12")),
+    ("a@b/store", ("a@b/store", "latest")), ("dir@latest", ("dir", "latest")),
+])
+def test_store_reference(text, expected):
+    assert split_store_ref(text) == expected
+
+
+@pytest.mark.slow
+def test_extract_then_store_commands(python, subprocess_env, class_folder, tmp_path):
+    store = tmp_path / "store"
+    r = fracfeat(python, subprocess_env, "extract", class_folder, "--store", store, *TINY_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert "v1" in r.stdout and "12 images" in r.stdout and "12 computed" in r.stdout
+    # progress: the tqdm bar shows the rate in images per second, and info goes through logging
+    assert "img/s" in r.stderr and "12 to compute" in r.stderr
+
+    # a second run finds every image in the cache; --quiet silences progress and info
+    r = fracfeat(python, subprocess_env, "extract", class_folder, "--store", store, *TINY_ARGS, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert "v1" in r.stdout and "unchanged" in r.stdout
+
+    # a changed folder makes a second version; diff names the change
+    (class_folder / "fractured" / sorted((class_folder / "fractured").iterdir())[0].name).unlink()
+    r = fracfeat(python, subprocess_env, "extract", class_folder, "--store", store, *TINY_ARGS, "-q")
+    assert "v2" in r.stdout and "11 images" in r.stdout
+
+    r = fracfeat(python, subprocess_env, "store", "list", store)
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("v1") and lines[1].startswith("v2")
+    assert "vgg16 32px avg" in lines[0]
+
+    r = fracfeat(python, subprocess_env, "store", "list", store, "--json")
+    listed = json.loads(r.stdout)
+    assert [v["version"] for v in listed] == [1, 2] and listed[0]["n_images"] == 12
+
+    r = fracfeat(python, subprocess_env, "store", "show", store, "1")
+    assert r.returncode == 0 and r.stdout.startswith("v1")
+    assert "fingerprint" in r.stdout and "weights_kind" in r.stdout
+
+    r = fracfeat(python, subprocess_env, "store", "show", store, "--json")
+    shown = json.loads(r.stdout)
+    assert shown["info"]["version"] == 2 and shown["provenance"]["image_size"] == 32
+
+    r = fracfeat(python, subprocess_env, "store", "diff", store, "1", "2")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[0] == "v1 -> v2: 0 added, 1 removed, 0 relabeled, 0 moved"
+    assert r.stdout.splitlines()[1].startswith("- ")
+
+    r = fracfeat(python, subprocess_env, "store", "verify", store)
+    assert r.returncode == 0 and r.stdout.count(" ok ") == 2
+
+    # damage v1's labels (keeping the file readable): verify names it and exits non-zero
+    v1 = next((store / "versions").glob("v000001.h5"))
+    with h5py.File(v1, "r+") as f:
+        labels = f["labels"][:]
+        f["labels"][:] = 1 - labels
+    r = fracfeat(python, subprocess_env, "store", "verify", store)
+    assert r.returncode == 1
+    assert "v1  DAMAGED" in r.stdout and "labels" in r.stdout
+    assert "v2  ok" in r.stdout
+    assert_user_error(r, "v1", "damaged")
+
+
+def test_user_errors_are_one_line(python, subprocess_env, tmp_path, class_folder):
+    assert_user_error(fracfeat(python, subprocess_env, "extract", tmp_path / "missing", "--store", tmp_path / "s",
+                               *TINY_ARGS), "does not exist")
+    assert_user_error(fracfeat(python, subprocess_env, "extract", class_folder, "--backbone", "alexnet",
+                               "--store", tmp_path / "s", *TINY_ARGS), "unknown backbone", "vgg16")
+    assert_user_error(fracfeat(python, subprocess_env, "extract", class_folder, "--store", tmp_path / "s",
+                               "--weights", tmp_path / "nope.h5"), "weights file", "nope.h5")
+    assert_user_error(fracfeat(python, subprocess_env, "store", "list", tmp_path / "nostore"), "no feature store")
+    (tmp_path / "notastore").mkdir()
+    (tmp_path / "notastore" / "x.txt").write_text("x")
+    assert_user_error(fracfeat(python, subprocess_env, "store", "verify", tmp_path / "notastore"),
+                      "not a fracfeat feature store")
+
+
+def test_bad_usage_exits_2_with_usage(python, subprocess_env):
+    r = fracfeat(python, subprocess_env, "extract")
+    assert r.returncode == 2 and "usage: fracfeat extract" in r.stderr
+    r = fracfeat(python, subprocess_env, "extract", ".", "--image-size", "big")
+    assert r.returncode == 2 and "invalid int value" in r.stderr
+
+
+def test_import_of_cli_stays_light(python, subprocess_env):
+    code = ("import sys, fracfeat.cli, fracfeat._report, fracfeat._progress; "
+            "heavy = [m for m in ('tensorflow', 'keras', 'matplotlib', 'optuna', 'xgboost') if m in sys.modules]; "
+            "print(heavy)")
+    r = subprocess.run([python, "-c", code], env=subprocess_env, capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stderr
