@@ -99,6 +99,17 @@ def plot_confusion_matrix(y_true, scores, threshold: float = 0.5, classes=DEFAUL
     return fig
 
 
+def _unit_square(ax, xlabel: str, ylabel: str, title: str, legend: str) -> None:
+    """Axes of a curve whose both coordinates are rates in [0, 1]."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend, fontsize=8)
+    ax.set_title(title)
+
+
 def plot_roc(y_true, scores, threshold: float = 0.5):
     """ROC curve with its AUC and the operating point at ``threshold`` marked."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -113,14 +124,9 @@ def plot_roc(y_true, scores, threshold: float = 0.5):
     op = operating_point(y, s, threshold)
     ax.plot(op["fpr"], op["sensitivity"], "o", ms=9, mfc="white", mec="black", mew=2,
             label=f"threshold {threshold:.2f}: sens. {_fmt(op['sensitivity'], 2)}, spec. {_fmt(op['specificity'], 2)}")
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
+    _unit_square(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)", "ROC curve",
+                 legend="lower right")
     ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("ROC curve")
     return fig
 
 
@@ -141,13 +147,7 @@ def plot_precision_recall(y_true, scores, threshold: float = 0.5):
     if not math.isnan(op["precision"]):
         ax.plot(op["sensitivity"], op["precision"], "o", ms=9, mfc="white", mec="black", mew=2,
                 label=f"threshold {threshold:.2f}: recall {_fmt(op['sensitivity'], 2)}, precision {_fmt(op['precision'], 2)}")
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    ax.set_title("Precision-recall curve")
+    _unit_square(ax, "recall (sensitivity)", "precision", "Precision-recall curve", legend="lower left")
     return fig
 
 

@@ -158,6 +158,10 @@ def cmd_store_verify(args) -> int:
 
 # -- the parser ------------------------------------------------------------------------------------
 
+def _json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
 def _common_options(suppress: bool) -> argparse.ArgumentParser:
     """--quiet/--verbose, accepted before or after the subcommand."""
     p = argparse.ArgumentParser(add_help=False)
@@ -191,28 +195,28 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("store", parents=[common], help="list, show, diff or verify a feature store",
                         description="Inspect a feature store.")
     store_sub = ps.add_subparsers(dest="store_command", metavar="ACTION", required=True)
-    q = store_sub.add_parser("list", parents=[common], help="one line per version", description="List every version.")
-    q.add_argument("store", help="feature store folder")
-    q.add_argument("--json", action="store_true", help="print JSON instead of text")
-    q.set_defaults(func=cmd_store_list)
-    q = store_sub.add_parser("show", parents=[common], help="a version's summary and full provenance",
-                             description="Show one version: summary line and provenance.")
-    q.add_argument("store", help="feature store folder")
-    q.add_argument("version", nargs="?", default="latest", help="version number, vN or latest (default: latest)")
-    q.add_argument("--json", action="store_true", help="print JSON instead of text")
-    q.set_defaults(func=cmd_store_show)
-    q = store_sub.add_parser("diff", parents=[common], help="images added, removed, relabeled, moved between versions",
-                             description="Compare two versions by image content hash.")
-    q.add_argument("store", help="feature store folder")
-    q.add_argument("a", help="older version")
-    q.add_argument("b", nargs="?", default="latest", help="newer version (default: latest)")
-    q.add_argument("--all", action="store_true", help="list every changed image, not the first 10 of each kind")
-    q.set_defaults(func=cmd_store_diff)
-    q = store_sub.add_parser("verify", parents=[common], help="recompute checksums; exit 1 if anything is damaged",
-                             description="Check every dataset of every version (or one) against its checksum.")
-    q.add_argument("store", help="feature store folder")
-    q.add_argument("--version", dest="version", default=None, help="check only this version")
-    q.set_defaults(func=cmd_store_verify)
+    store_actions = (
+        ("list", cmd_store_list, "one line per version", "List every version.", [_json_option]),
+        ("show", cmd_store_show, "a version's summary and full provenance",
+         "Show one version: summary line and provenance.",
+         [lambda q: q.add_argument("version", nargs="?", default="latest",
+                                   help="version number, vN or latest (default: latest)"), _json_option]),
+        ("diff", cmd_store_diff, "images added, removed, relabeled, moved between versions",
+         "Compare two versions by image content hash.",
+         [lambda q: q.add_argument("a", help="older version"),
+          lambda q: q.add_argument("b", nargs="?", default="latest", help="newer version (default: latest)"),
+          lambda q: q.add_argument("--all", action="store_true",
+                                   help="list every changed image, not the first 10 of each kind")]),
+        ("verify", cmd_store_verify, "recompute checksums; exit 1 if anything is damaged",
+         "Check every dataset of every version (or one) against its checksum.",
+         [lambda q: q.add_argument("--version", default=None, help="check only this version")]),
+    )
+    for name, func, help_text, description, options in store_actions:
+        q = store_sub.add_parser(name, parents=[common], help=help_text, description=description)
+        q.add_argument("store", help="feature store folder")
+        for add_option in options:
+            add_option(q)
+        q.set_defaults(func=func)
     return parser
 
 
