@@ -9,11 +9,15 @@ TensorFlow both release the GIL), so the CPU decodes the next batch while the ba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import sys
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -27,7 +31,15 @@ log = logging.getLogger("fracfeat")
 
 
 def has_gpu() -> bool:
-    """True when TensorFlow sees a GPU (imports TensorFlow)."""
+    """True when TensorFlow sees a GPU.
+
+    Imports TensorFlow only where a GPU driver is visible, so CPU-only machines resolve "auto" cheaply.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")):
+        if sys.platform.startswith("linux"):
+            return False
     try:
         import tensorflow as tf
 
@@ -36,13 +48,92 @@ def has_gpu() -> bool:
         return False
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel exposes (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU does bfloat16 matrix math in hardware (AMX or AVX512-BF16).
+
+    Without it bfloat16 is emulated and several times *slower* than float32 (measured: ResNet50 on
+    OpenVINO 17.8 -> 4.6 images/s, on Keras 11.7 -> 2.0, on a 2-core Sapphire Rapids VM whose
+    hypervisor hides AMX).
+    """
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def gpu_supports_bfloat16() -> bool:
+    """True when the first GPU has bfloat16 tensor cores (NVIDIA compute capability 8.0 or newer)."""
+    try:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") if gpus else None
+        return bool(cc) and tuple(cc) >= (8, 0)
+    except Exception:
+        return False
+
+
+def openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+# Fastest correct CPU path per backbone, from benchmarks/extract_throughput.py (see its results/).
+# Without bfloat16 hardware: float32 everywhere; the runtime is whichever ran faster here.
+_CPU_FLOAT32_RUNTIME = {"vgg16": "openvino", "resnet50": "openvino", "efficientnetb2": "openvino"}
+# With AMX (figures quoted in issue 5, measured on a machine that exposes it; not re-measured here):
+# mixed_bfloat16 Keras ran VGG16 ~10x float32 (~50 images/s), OpenVINO bf16 ran ResNet50 ~85 and
+# EfficientNetB2 ~55 images/s, while Keras bf16 did nothing for ResNet50.
+_CPU_BF16_RUNTIME = {"vgg16": "keras", "resnet50": "openvino", "efficientnetb2": "openvino"}
+
+
 def choose_precision_and_runtime(spec: BackboneSpec, precision: str, runtime: str) -> tuple[str, str]:
-    """Resolve "auto" to the fastest correct path for this backbone on this hardware."""
-    if runtime == "auto":
-        runtime = "keras"
-    if precision == "auto":
-        precision = "float32"
+    """Resolve "auto" to the fastest correct path for this backbone on this hardware.
+
+    - GPU visible: Keras with mixed precision on the tensor cores (OpenVINO targets Intel devices):
+      bfloat16 where the GPU has it (float32's range: float16 overflowed to NaN in deep ResNet50 and
+      EfficientNetB2 activations in our tests), float16 on older GPUs.
+    - CPU with bfloat16 hardware: bfloat16 on the runtime measured fastest for the backbone.
+    - Other CPUs: float32 (emulated bfloat16 is slower), on OpenVINO when installed, else Keras.
+
+    A forced ``runtime``/``precision`` is kept as given; "auto" on the other one is resolved around
+    it. Every path agrees with float32 Keras to cosine similarity >= 0.999 per image (tested).
+    """
+    if runtime == "auto" or precision == "auto":
+        gpu = has_gpu()
+        bf16 = cpu_has_bf16()
+        if runtime == "auto":
+            if gpu:
+                runtime = "keras"
+            else:
+                runtime = (_CPU_BF16_RUNTIME if bf16 and precision in ("auto", "bfloat16") else _CPU_FLOAT32_RUNTIME)[spec.name]
+                if runtime == "openvino" and not openvino_available():
+                    log.info("OpenVINO is not installed: extracting with Keras/TensorFlow instead "
+                             "(pip install 'fracfeat[openvino]' for faster CPU extraction)")
+                    runtime = "keras"
+        if precision == "auto":
+            if gpu and runtime == "keras":
+                precision = "bfloat16" if gpu_supports_bfloat16() else "float16"
+            elif bf16 and not gpu:
+                precision = "bfloat16"
+            else:
+                precision = "float32"
     return precision, runtime
+
+
+def preferred_batch_size(config: ExtractorConfig) -> int:
+    """Images per forward pass when the user gives none: large on a GPU, moderate on CPUs."""
+    return 256 if config.runtime == "keras" and has_gpu() else 32
 
 
 def resolve_extractor(
@@ -106,10 +197,94 @@ class KerasRunner:
                 input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8)],
             )
 
+    @property
+    def n_features(self) -> int:
+        return int(self.model.output_shape[-1])
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self._fn is not None:
             return self._fn(batch).numpy()
         return np.asarray(self.model(batch, training=False))
+
+
+def cache_dir() -> Path:
+    """Where compiled models are cached: $FRACFEAT_CACHE_DIR, else ~/.cache/fracfeat."""
+    env = os.environ.get("FRACFEAT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fracfeat"
+
+
+_OV_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def _keras_to_openvino(ov, model):
+    """Trace the Keras model's TensorFlow graph (uint8 in, dynamic batch) and convert it."""
+    import tensorflow as tf
+
+    s = model.input_shape[1]
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8)])
+    return ov.convert_model(fn.get_concrete_function())
+
+
+class OpenVINORunner:
+    """Runs the feature model compiled by OpenVINO for this CPU.
+
+    The Keras model (built in float32) is converted once per extractor settings and OpenVINO
+    version, and the converted model is cached under :func:`cache_dir`, so later runs skip building
+    the Keras model and loading its weights. Precision is OpenVINO's inference precision hint.
+    """
+
+    def __init__(self, config: ExtractorConfig, build_float32_model):
+        from ._deps import require
+
+        ov = require("openvino", why="runtime='openvino'")
+        self.config = config
+        core = ov.Core()
+        root = cache_dir() / "openvino"
+        # The converted graph is float32 whatever the precision hint: one entry serves every precision.
+        float32 = dataclasses.replace(config, precision="float32")
+        key = f"{float32.fingerprint[:24]}-ov{ov.__version__.split('-')[0]}"
+        xml = root / key / "model.xml"
+        ov_model = None
+        if xml.is_file():
+            try:
+                ov_model = core.read_model(str(xml))
+            except Exception as e:  # a damaged cache entry is rebuilt, never fatal
+                log.warning("ignoring unreadable OpenVINO cache %s (%s: %s)", xml.parent, type(e).__name__, e)
+        if ov_model is None:
+            t = time.perf_counter()
+            ov_model = _keras_to_openvino(ov, build_float32_model())
+            log.info("converted %s to OpenVINO in %.1fs", config.backbone, time.perf_counter() - t)
+            self._save(ov, ov_model, root, key)
+        properties = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[config.precision], "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = core.compile_model(ov_model, "CPU", properties)
+        self._request = self.compiled.create_infer_request()
+
+    @staticmethod
+    def _save(ov, ov_model, root: Path, key: str) -> None:
+        import shutil
+        import tempfile
+
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+            # compress_to_fp16=False: the cached weights must stay the exact float32 values.
+            ov.save_model(ov_model, str(tmp / "model.xml"), compress_to_fp16=False)
+            try:
+                os.replace(tmp, root / key)  # atomic: a reader sees a whole entry or none
+            except OSError:  # another process cached it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:
+            log.info("cannot cache the OpenVINO model under %s (%s); it will be converted again next time", root, e)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.compiled.output(0).get_partial_shape()[-1].get_length())
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        # share_inputs: OpenVINO reads the batch buffer in place (the call is synchronous).
+        return self._request.infer({0: batch}, share_inputs=True)[0]
 
 
 @dataclass
@@ -133,13 +308,16 @@ class FeatureEngine:
     @property
     def runner(self):
         if self._runner is None:
-            model = _build_feature_model(self.config, self.weights)
-            self._runner = KerasRunner(model)
+            if self.config.runtime == "openvino":
+                float32 = dataclasses.replace(self.config, precision="float32")
+                self._runner = OpenVINORunner(self.config, lambda: _build_feature_model(float32, self.weights))
+            else:
+                self._runner = KerasRunner(_build_feature_model(self.config, self.weights))
         return self._runner
 
     @property
     def n_features(self) -> int:
-        return int(self.runner.model.output_shape[-1])
+        return self.runner.n_features
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """Features of already decoded uint8 images, shape (n, s, s, 3)."""

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._engine import FeatureEngine, resolve_extractor
+from ._engine import FeatureEngine, preferred_batch_size, resolve_extractor
 from ._errors import ConfigError, ImageError, SourceError
 from ._featureset import FeatureSet
 from ._images import read_file
@@ -67,7 +67,7 @@ def extract(
     weights="imagenet",
     image_size: int | None = None,
     pooling: str = "avg",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     precision: str = "auto",
     runtime: str = "auto",
     truncated: str = "read",
@@ -104,8 +104,8 @@ def extract(
         Square input size; the backbone's default (224, 224, 260) when None.
     pooling : {"avg", "max", "none"}
         Global pooling of the last convolution map; "none" flattens it.
-    batch_size : int
-        Images per forward pass.
+    batch_size : int, optional
+        Images per forward pass; None lets the engine choose (256 on a GPU, 32 on CPUs).
     precision : {"auto", "float32", "bfloat16", "float16"}
     runtime : {"auto", "keras", "openvino"}
         "auto" picks the fastest correct path for the backbone and hardware.
@@ -140,7 +140,7 @@ def extract(
     >>> fs.X.shape, fs.version                                                    # doctest: +SKIP
     ((4083, 512), 1)
     """
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ConfigError(f"batch_size={batch_size!r}: give a positive integer")
     if not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every={checkpoint_every!r}: give a positive integer")
@@ -247,6 +247,7 @@ def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_co
     from tqdm.auto import tqdm
 
     engine = FeatureEngine(config, resolved_weights)
+    batch_size = batch_size or preferred_batch_size(config)
     miss_ids = list(todo)
     miss_paths = [paths[todo[d]] for d in miss_ids]
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"

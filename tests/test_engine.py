@@ -1,0 +1,136 @@
+"""The engine's fast paths: same features as float32 Keras, choice of path, fingerprints, OpenVINO cache."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fracfeat._backbones import backbone_spec
+from fracfeat._engine import FeatureEngine, choose_precision_and_runtime, resolve_extractor
+from fracfeat._errors import MissingDependencyError
+from fracfeat._images import load_image
+
+# Small inputs keep these real-backbone tests in seconds; 64 px is above every backbone's minimum.
+SIZE = 64
+
+# (precision, runtime) per backbone against float32 Keras: every path "auto" can choose on a CPU
+# (OpenVINO float32/bfloat16, Keras bfloat16 for VGG16 on AMX) and on a GPU (Keras bfloat16/float16).
+# VGG16 runs with the real ImageNet weights, the others with seeded random weights (none here).
+FAST_PATHS = {
+    "vgg16": [("float32", "openvino"), ("bfloat16", "openvino"), ("bfloat16", "keras"), ("float16", "keras")],
+    "resnet50": [("float32", "openvino"), ("bfloat16", "openvino")],
+    "efficientnetb2": [("float32", "openvino"), ("bfloat16", "openvino"), ("bfloat16", "keras")],
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    # Compiled-model cache per test: no test reads another's (or the user's) cache.
+    monkeypatch.setenv("FRACFEAT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def radiographs(real_images) -> np.ndarray:
+    paths = real_images["fractured"][:2] + real_images["not_fractured"][:2]
+    return np.stack([load_image(str(p), SIZE).pixels for p in paths])
+
+
+def _weights(backbone, vgg16_weights):
+    return str(vgg16_weights) if backbone == "vgg16" else None
+
+
+def _features(backbone, weights, precision, runtime, pixels):
+    config, resolved = resolve_extractor(backbone, weights, SIZE, precision=precision, runtime=runtime)
+    assert (config.precision, config.runtime) == (precision, runtime)
+    return FeatureEngine(config, resolved).forward(pixels)
+
+
+def _cosine(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", list(FAST_PATHS))
+def test_every_fast_path_matches_float32_keras_per_image(backbone, radiographs, vgg16_weights):
+    weights = _weights(backbone, vgg16_weights)
+    reference = _features(backbone, weights, "float32", "keras", radiographs)
+    assert np.isfinite(reference).all() and np.abs(reference).sum() > 0
+    for precision, runtime in FAST_PATHS[backbone]:
+        if runtime == "openvino":
+            pytest.importorskip("openvino")
+        fast = _features(backbone, weights, precision, runtime, radiographs)
+        assert fast.shape == reference.shape and fast.dtype == np.float32
+        cos = _cosine(fast, reference)
+        assert cos.min() >= 0.999, f"{backbone} {precision}/{runtime}: per-image cosine {np.round(cos, 6)}"
+
+
+def test_auto_resolves_to_a_concrete_path_for_every_backbone():
+    for name in ("vgg16", "resnet50", "efficientnetb2"):
+        precision, runtime = choose_precision_and_runtime(backbone_spec(name), "auto", "auto")
+        assert precision in ("float32", "bfloat16", "float16") and runtime in ("keras", "openvino")
+
+
+def test_forcing_precision_or_runtime_changes_the_fingerprint():
+    prints = {}
+    for precision in ("float32", "bfloat16", "float16"):
+        for runtime in ("keras", "openvino"):
+            config, _ = resolve_extractor("vgg16", None, 32, precision=precision, runtime=runtime)
+            assert (config.precision, config.runtime) == (precision, runtime)
+            prints[precision, runtime] = config.fingerprint
+    assert len(set(prints.values())) == len(prints)
+    auto, _ = resolve_extractor("vgg16", None, 32)
+    assert auto.fingerprint == prints[auto.precision, auto.runtime]
+
+
+def test_forcing_one_setting_resolves_the_other_around_it():
+    assert choose_precision_and_runtime(backbone_spec("resnet50"), "auto", "keras")[1] == "keras"
+    assert choose_precision_and_runtime(backbone_spec("resnet50"), "float32", "auto")[0] == "float32"
+
+
+def test_auto_falls_back_to_keras_with_a_log_line_when_openvino_is_missing(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an interpreter without the package sees
+    with caplog.at_level(logging.INFO, logger="fracfeat"):
+        config, _ = resolve_extractor("resnet50", None, 32)
+    assert config.runtime == "keras"
+    assert "OpenVINO is not installed" in caplog.text and "fracfeat[openvino]" in caplog.text
+
+
+def test_forced_openvino_without_openvino_names_the_install_command(monkeypatch, radiographs):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    config, resolved = resolve_extractor("vgg16", None, 32, precision="float32", runtime="openvino")
+    with pytest.raises(MissingDependencyError, match=r"fracfeat\[openvino\]"):
+        FeatureEngine(config, resolved).forward(radiographs[:, :32, :32])
+
+
+def test_openvino_model_is_cached_per_fingerprint_and_gives_the_same_features(tmp_path, radiographs, caplog):
+    pytest.importorskip("openvino")
+    config, resolved = resolve_extractor("vgg16", None, SIZE, precision="float32", runtime="openvino")
+    with caplog.at_level(logging.INFO, logger="fracfeat"):
+        first = FeatureEngine(config, resolved).forward(radiographs)
+    assert "converted vgg16 to OpenVINO" in caplog.text
+    cached = list((tmp_path / "cache" / "openvino").glob("*/model.xml"))
+    assert len(cached) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fracfeat"):
+        engine = FeatureEngine(config, resolved)
+        again = engine.forward(radiographs)
+    assert "converted" not in caplog.text  # read from the cache, the Keras model never built
+    np.testing.assert_array_equal(first, again)
+    assert engine.n_features == first.shape[1] == 512
+
+
+def test_choosing_a_path_on_a_cpu_does_not_import_tensorflow(subprocess_env, python):
+    code = ("import sys; from fracfeat._engine import resolve_extractor; "
+            "c, _ = resolve_extractor('resnet50', None, 32); "
+            "print(c.precision, c.runtime, 'tensorflow' in sys.modules)")
+    out = subprocess.run([python, "-c", code], env=subprocess_env, capture_output=True, text=True, check=True)
+    precision, runtime, imported = out.stdout.split()
+    if imported == "True":
+        # Only machines with a GPU driver ask TensorFlow; this one must then have one.
+        import os
+
+        assert os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")
