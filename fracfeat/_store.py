@@ -51,10 +51,26 @@ def _str_dtype():
     return h5py.string_dtype("utf-8")
 
 
+def utf8_safe(text: str) -> str:
+    """``text`` made encodable as UTF-8, as HDF5 string datasets require.
+
+    A Linux file name may hold bytes that are not UTF-8 (Python keeps them as lone surrogates);
+    those bytes are written as ``\\xff`` escapes, so the name stays readable and unique.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _as_str_array(values) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
-        out[i] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+        out[i] = v.decode("utf-8") if isinstance(v, bytes) else utf8_safe(str(v))
     return out
 
 
@@ -78,7 +94,7 @@ def records_sha256(ids, paths, labels, class_names, splits, groups) -> str:
     """Hash of the row table (not the features): equal tables mean an identical version."""
     h = hashlib.sha256()
     for row in zip(ids, paths, labels, class_names, splits, groups):
-        h.update("\x1f".join(str(v) for v in row).encode("utf-8"))
+        h.update(utf8_safe("\x1f".join(str(v) for v in row)).encode("utf-8"))
         h.update(b"\x1e")
     return h.hexdigest()
 
