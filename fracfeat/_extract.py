@@ -16,7 +16,7 @@ import numpy as np
 from ._engine import FeatureEngine, preferred_batch_size, resolve_extractor
 from ._errors import ConfigError, ImageError, SourceError
 from ._featureset import FeatureSet
-from ._images import read_file
+from ._images import failure_kind, read_file
 from ._sources import load_records
 from ._store import FeatureStore, records_sha256, utc_now
 from ._version import __version__
@@ -186,7 +186,7 @@ def extract(
         keep = [i for i in range(len(records)) if i not in failed]
         failures = [{"path": paths[i], "id": ids[i] or "", "reason": failed[i]} for i in sorted(failed)]
         if failures:
-            reasons = Counter(f["reason"].split(" (")[0].split(":")[0] for f in failures)
+            reasons = Counter(failure_kind(f["reason"]) for f in failures)
             log.warning("%d of %d images could not be used: %s", len(failures), len(records),
                         "; ".join(f"{n} x {r}" for r, n in reasons.most_common()))
         if not keep:

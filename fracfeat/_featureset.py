@@ -77,6 +77,18 @@ class FeatureSet:
         return sorted({s for s in self.splits if s}, key=lambda s: ("train", "val", "test").index(s)
                       if s in ("train", "val", "test") else 3)
 
+    def failure_summary(self) -> dict[str, int]:
+        """How many files failed, per kind of failure (most frequent first).
+
+        Kinds are short and stable ("not an image", "truncated image", "file not found", ...); each
+        failure row's full ``reason`` names the exact problem and the fix.
+        """
+        from collections import Counter
+
+        from ._images import failure_kind
+
+        return dict(Counter(failure_kind(f["reason"]) for f in self.failures).most_common())
+
     def subset(self, rows) -> "FeatureSet":
         """A FeatureSet of the selected rows (boolean mask or integer indices)."""
         rows = np.asarray(rows)

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +31,67 @@ import numpy as np
 DECODE_RECIPE = "pil-draft-exif-rgb-bilinear-squash-v1"
 TRUNCATED_POLICIES = ("read", "reject")
 
-# Pillow reads truncated files only through a module-wide flag; flip it under a lock.
-_truncated_lock = threading.Lock()
+
+
+class _SharedExclusiveLock:
+    """Many holders in shared mode, or one in exclusive mode; a waiting exclusive holder goes first."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._exclusive_waiting = 0
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._exclusive or self._exclusive_waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._exclusive_waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._exclusive_waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+# Pillow reads truncated files only through a module-wide flag (ImageFile.LOAD_TRUNCATED_IMAGES), which
+# every thread's decoder consults. Ordinary decodes hold this lock shared (they run in parallel); a
+# decode that turns the flag on holds it exclusive, so no other thread decodes with the flag on by
+# accident (which would silently accept a truncated file under truncated="reject" and leave it unflagged).
+_truncated_flag_lock = _SharedExclusiveLock()
+
+
+# Every failure reason reads "<kind>: <details and fix>"; the kinds are few and stable, so a summary
+# can count failures per kind (FeatureSet.failure_summary) while the details name the exact problem.
+FAILURE_KINDS = ("empty file", "not an image", "too large", "truncated image", "cannot decode",
+                 "file not found", "permission denied", "not a regular file", "cannot read")
+
+
+def failure(kind: str, details: str) -> str:
+    return f"{kind}: {details}"
+
+
+def failure_kind(reason: str) -> str:
+    """The kind of a failure reason (its text before the first colon)."""
+    return str(reason).split(":", 1)[0]
 
 
 @dataclass
@@ -79,7 +141,7 @@ def _decode(data: bytes, size: int, allow_truncated: bool):
         if img.format == "JPEG":
             img.draft(None, (size, size))
         if allow_truncated:
-            with _truncated_lock:
+            with _truncated_flag_lock.exclusive():
                 previous = ImageFile.LOAD_TRUNCATED_IMAGES
                 ImageFile.LOAD_TRUNCATED_IMAGES = True
                 try:
@@ -87,7 +149,8 @@ def _decode(data: bytes, size: int, allow_truncated: bool):
                 finally:
                     ImageFile.LOAD_TRUNCATED_IMAGES = previous
         else:
-            img.load()
+            with _truncated_flag_lock.shared():
+                img.load()
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
         if img.size != (size, size):
@@ -105,7 +168,7 @@ def decode_bytes(data: bytes, size: int, truncated: str = "read") -> DecodedImag
     from PIL import Image, UnidentifiedImageError
 
     if not data:
-        return DecodedImage(None, "empty file (0 bytes)")
+        return DecodedImage(None, failure("empty file", "0 bytes"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -115,30 +178,44 @@ def decode_bytes(data: bytes, size: int, truncated: str = "read") -> DecodedImag
                 if not _is_truncation(e):
                     raise
                 if truncated == "reject":
-                    return DecodedImage(None, f"truncated image file ({e}); pass truncated='read' to use what is there")
+                    return DecodedImage(None, failure("truncated image", f"{e}; pass truncated='read' to use what is there"))
                 return DecodedImage(_decode(data, size, allow_truncated=True), truncated=True)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return DecodedImage(None, f"image too large for Pillow's decompression-bomb guard ({e}); "
-                                  f"raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted")
+        return DecodedImage(None, failure("too large", f"beyond Pillow's decompression-bomb guard ({e}); "
+                                                       f"raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"))
     except UnidentifiedImageError:
-        return DecodedImage(None, "not an image Pillow can read (unknown or damaged format)")
+        return DecodedImage(None, failure("not an image", "Pillow cannot identify it (unknown or damaged format)"))
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.UnidentifiedImageError) as e:
-        return DecodedImage(None, f"cannot decode image: {type(e).__name__}: {e}")
+        return DecodedImage(None, failure("cannot decode", f"{type(e).__name__}: {e}"))
 
 
 def read_file(path: str) -> tuple[bytes | None, str | None]:
-    """The file's bytes, or a reason it cannot be read."""
+    """The file's bytes, or a reason it cannot be read.
+
+    Only regular files are read: the file is opened non-blocking and checked with ``fstat`` before
+    any byte is read, because a FIFO or a device named ``*.jpg`` would otherwise block forever.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read(), None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
-        return None, "file not found (missing file or broken symlink)"
+        return None, failure("file not found", "missing file or broken symlink")
     except PermissionError:
-        return None, "permission denied: make the file readable"
+        return None, failure("permission denied", "make the file readable by this user")
     except IsADirectoryError:
-        return None, "is a directory, not an image file"
+        return None, failure("not a regular file", "a directory; point to image files")
     except OSError as e:
-        return None, f"cannot read file: {e}"
+        return None, failure("cannot read", str(e))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            return None, failure("not a regular file", f"{what}; point to image files")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(), None
+    except OSError as e:
+        return None, failure("cannot read", str(e))
+    finally:
+        os.close(fd)
 
 
 def load_image(path: str, size: int, truncated: str = "read") -> DecodedImage:
