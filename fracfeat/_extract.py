@@ -15,6 +15,7 @@ import numpy as np
 
 from ._engine import FeatureEngine, preferred_batch_size, resolve_extractor
 from ._errors import ConfigError, ImageError, SourceError
+from ._faults import pause_point
 from ._featureset import FeatureSet
 from ._images import failure_kind, read_file
 from ._sources import load_records
@@ -234,6 +235,7 @@ def extract(
             "compute_seconds": round(compute_seconds, 3),
         }
         n = _write_version(feature_store, fingerprint, table, failures, provenance, content, index)
+        pause_point("committed")
         feature_store.remove_checkpoints(fingerprint, set(table["ids"]))
     fs = feature_store.open(n)
     log.info("store %s: wrote v%d (%d images x %d features) in %.1fs", feature_store.root, n, len(fs),
@@ -273,6 +275,7 @@ def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_co
     bar = tqdm(total=len(miss_paths), desc=f"extract {config.backbone}", unit="img", disable=not progress)
     try:
         for batch in engine.iter_features(miss_paths, batch_size=batch_size, strict=strict, workers=workers):
+            pause_point("batch")
             for k, reason in batch.failures:
                 bad_content[miss_ids[k]] = reason
             for k in batch.truncated:

@@ -34,6 +34,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ._errors import StoreError
+from ._faults import pause_point
 from ._featureset import FeatureSet, classes_from_rows
 
 log = logging.getLogger("fracfeat")
@@ -185,6 +186,7 @@ class RowWriter:
 
     def write(self, start: int, rows: np.ndarray) -> None:
         self.features[start:start + len(rows)] = rows
+        pause_point("version")
 
     def finish(self, table: dict, failures: list[dict], attrs: dict) -> None:
         f = self.file
@@ -484,6 +486,7 @@ class FeatureStore:
             f.attrs["fingerprint"] = fingerprint
             f.create_dataset("ids", data=np.array(list(ids), dtype="S64"))
             f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
+            pause_point("checkpoint")
             f.create_dataset("truncated", data=np.asarray(truncated, dtype=np.int8))
         _fsync_file(tmp)
         os.replace(tmp, final)
@@ -543,6 +546,7 @@ class FeatureStore:
             f.attrs["parent"] = parent
             f.attrs["complete"] = 1
         _fsync_file(writer.tmp_path)
+        pause_point("commit")
         final = self._version_path(n)
         if final.exists():  # a writer that ignored the lock
             raise StoreError(f"{final} appeared while committing; is another process writing without the lock?")
