@@ -161,8 +161,10 @@ def extract(
             failed[i] = error
     ids = [h for h, _ in hashed]
 
-    feature_store.create()
     with feature_store.write_lock():
+        # Under the lock: two first writers creating one store at once must not see each other's
+        # half-made layout as a foreign directory, nor delete each other's marker file from tmp/.
+        feature_store.create()
         feature_store.clean_tmp()
         index = feature_store.cache_index(fingerprint)
         # One computation per distinct content, first occurrence in source order.

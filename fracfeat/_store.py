@@ -42,6 +42,7 @@ log = logging.getLogger("fracfeat")
 FORMAT_NAME = "fracfeat-store"
 FORMAT_VERSION = 1
 MARKER = "fracfeat-store.json"
+_LAYOUT = frozenset({"versions", "tmp", "checkpoints", ".lock", MARKER})
 _ROW_DATASETS = ("ids", "paths", "labels", "class_names", "splits", "groups", "truncated")
 _CHECKSUMMED = ("features",) + _ROW_DATASETS + ("failures/paths", "failures/ids", "failures/reasons")
 
@@ -260,11 +261,12 @@ class FeatureStore:
             raise StoreError(f"no feature store at {self.root}: run extract(..., store={str(self.root)!r}) first")
 
     def create(self) -> None:
-        """Create the directory layout (idempotent)."""
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"store path {self.root} is a file; give a directory for store=")
-        if self.root.is_dir() and not self.exists() and any(p.name != ".lock" for p in self.root.iterdir()):
-            raise StoreError(f"{self.root} exists and is not a fracfeat store; choose an empty or new directory for store=")
+        """Create the directory layout (idempotent; call it holding the write lock).
+
+        A directory holding nothing but the store's own layout (a process killed inside ``create``
+        leaves that) is completed, not refused.
+        """
+        self._refuse_foreign()
         for d in (self.root, self.versions_dir, self.root / "tmp", self.root / "checkpoints"):
             d.mkdir(parents=True, exist_ok=True)
         marker = self.root / MARKER
@@ -273,11 +275,19 @@ class FeatureStore:
             tmp.write_text(json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION}) + "\n")
             os.replace(tmp, marker)
 
+    def _refuse_foreign(self) -> None:
+        """Refuse a path that is a file, or a directory holding anything but a store's layout."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store path {self.root} is a file; give a directory for store=")
+        if self.root.is_dir() and not self.exists() and any(p.name not in _LAYOUT for p in self.root.iterdir()):
+            raise StoreError(f"{self.root} exists and is not a fracfeat store; choose an empty or new directory for store=")
+
     @contextmanager
     def write_lock(self):
         """Exclusive writer lock; a second writer waits up to ``lock_timeout`` seconds."""
         from filelock import FileLock, Timeout
 
+        self._refuse_foreign()  # before the lock file is made, so a foreign directory is left as it was
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.root / ".lock"))
         try:

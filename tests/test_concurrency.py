@@ -1,0 +1,76 @@
+"""Concurrent use of one store: writers queue on the lock (or fail clearly), readers see only complete versions."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from children import SETTINGS, clean_images, start_child
+from fracfeat import FeatureStore, StoreError, extract
+
+
+def wait_for_text(child, text: str, timeout: float = 150) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in child.log():
+        assert child.proc.poll() is None, f"child exited before logging {text!r}:\n{child.log()}"
+        assert time.monotonic() < deadline, f"child did not log {text!r} within {timeout}s:\n{child.log()}"
+        time.sleep(0.05)
+
+
+def assert_only_complete_versions(store: FeatureStore, expected: list[int]) -> None:
+    assert [v.version for v in store.versions()] == expected
+    assert store.open("latest").version == expected[-1]
+    assert all(r.ok for r in store.verify()), [r.problems for r in store.verify()]
+
+
+@pytest.mark.slow
+def test_two_writers_queue_a_third_times_out_and_readers_see_complete_versions(fracatlas, tmp_path):
+    images = clean_images(fracatlas, 24)
+    store = FeatureStore(tmp_path / "store")
+    extract(images[:8], store=store.root, **SETTINGS)  # v1
+
+    # Writer A holds the lock, its version complete in tmp/ but not yet renamed into versions/.
+    a = start_child(tmp_path / "children", "a", images, store.root, pause_at="commit:1")
+    b = None
+    try:
+        a.wait_held()
+        # Writer B waits for A (it logs that it waits) ...
+        b = start_child(tmp_path / "children", "b", images[4:], store.root, lock_timeout=300)
+        wait_for_text(b, "is being written by another process; waiting")
+        # ... a writer with a short timeout gives up with a message naming the store and the fix ...
+        with pytest.raises(StoreError, match=r"locked by another writer.*Wait for it to finish, or use another store="):
+            extract(images[:2], store=store.root, lock_timeout=0.5, **SETTINGS)
+        # ... and a reader sees v1 only: A's finished-but-uncommitted file is invisible.
+        assert_only_complete_versions(store, [1])
+
+        a.release()
+        result_a, result_b = a.result(), b.result()
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+    assert (result_a["version"], result_b["version"]) == (2, 3)
+    assert result_b["n_computed"] == 0  # B waited, then found all its rows in A's version
+    assert_only_complete_versions(store, [1, 2, 3])
+    v2, v3 = store.open(2), store.open(3)
+    np.testing.assert_array_equal(v3.X, v2.X[4:])
+
+
+def test_store_left_half_created_by_a_killed_process_is_usable(fracatlas, tmp_path):
+    """A process killed inside FeatureStore.create() leaves the layout folders without the marker file."""
+    root = tmp_path / "store"
+    for d in ("versions", "tmp", "checkpoints"):
+        (root / d).mkdir(parents=True)
+    (root / ".lock").touch()
+    fs = extract(clean_images(fracatlas, 2), store=root, **SETTINGS)
+    assert fs.version == 1 and FeatureStore(root).verify()[0].ok
+
+
+def test_foreign_directory_is_refused_as_store(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.txt").write_text("not a store")
+    with pytest.raises(StoreError, match="is not a fracfeat store; choose an empty or new directory"):
+        extract([str(tmp_path / "photos" / "holiday.txt")], store=tmp_path / "photos", **SETTINGS)
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["holiday.txt"]  # left as it was
