@@ -374,10 +374,19 @@ class FeatureStore:
         with self._open_h5(n) as f:
             return json.loads(f.attrs["provenance"])
 
+    @contextmanager
+    def _damage_reported(self, path: Path):
+        """Turn HDF5 read errors (a damaged chunk fails its gzip/zlib check) into a StoreError saying what to do."""
+        try:
+            yield
+        except (OSError, KeyError) as e:
+            raise StoreError(f"{path} is damaged: {e}. Run FeatureStore({str(self.root)!r}).verify() to see what; "
+                             f"delete the damaged version file (its rows are recomputed on the next extract)") from None
+
     def open(self, version="latest") -> FeatureSet:
         """Load a version as a :class:`FeatureSet` (features in memory)."""
         n = self.resolve(version)
-        with self._open_h5(n) as f:
+        with self._open_h5(n) as f, self._damage_reported(self._version_path(n)):
             labels = f["labels"][:].astype(np.int64)
             class_names = _as_str_array(f["class_names"][:])
             y = labels if (labels != -1).any() else None
@@ -512,7 +521,7 @@ class FeatureStore:
         for k, (p, row, *_) in enumerate(locations):
             by_file.setdefault(p, []).append((k, row))
         for p, items in by_file.items():
-            with h5py.File(p, "r") as f:
+            with self._damage_reported(Path(p)), h5py.File(p, "r") as f:
                 ds = f["features"]
                 if out is None:
                     out = np.empty((len(locations), ds.shape[1]), dtype=np.float32)
