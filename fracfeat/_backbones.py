@@ -70,8 +70,10 @@ def resolve_image_size(spec: BackboneSpec, image_size: int | None) -> int:
     try:
         size = int(image_size)
     except (TypeError, ValueError):
-        raise ConfigError(f"image_size must be an integer number of pixels, not {image_size!r}") from None
-    if size != image_size or size < spec.min_size:
+        size = None
+    if size is None or size != image_size:  # 32.5 is not "below the minimum", it is not a pixel count
+        raise ConfigError(f"image_size must be an integer number of pixels, not {image_size!r}")
+    if size < spec.min_size:
         raise ConfigError(
             f"image_size={image_size!r} is below {spec.name}'s minimum of {spec.min_size} pixels "
             f"(its default is {spec.default_size}); pass image_size >= {spec.min_size}"
