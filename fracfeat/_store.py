@@ -380,7 +380,7 @@ class FeatureStore:
         try:
             yield
         except (OSError, KeyError) as e:
-            raise StoreError(f"{path} is damaged: {e}. Run FeatureStore({str(self.root)!r}).verify() to see what; "
+            raise StoreError(f"{path} is damaged: {e}. Run `fracfeat store verify {self.root}` to see what; "
                              f"delete the damaged version file (its rows are recomputed on the next extract)") from None
 
     def open(self, version="latest") -> FeatureSet:
@@ -567,9 +567,20 @@ class FeatureStore:
         _fsync_file(writer.tmp_path)
         pause_point("commit")
         final = self._version_path(n)
-        if final.exists():  # a writer that ignored the lock
-            raise StoreError(f"{final} appeared while committing; is another process writing without the lock?")
-        os.replace(writer.tmp_path, final)
+        clash = StoreError(f"{final} appeared while committing: another process wrote to {self.root} without "
+                           f"holding its lock (a network filesystem without working flock?); re-run extract")
+        try:
+            # A hard link never replaces an existing file, so even a writer that got past the lock
+            # cannot overwrite a committed version.
+            os.link(writer.tmp_path, final)
+        except FileExistsError:
+            raise clash from None
+        except OSError:  # no hard links on this filesystem: check, then rename
+            if final.exists():
+                raise clash from None
+            os.replace(writer.tmp_path, final)
+        else:
+            writer.tmp_path.unlink()
         _fsync_dir(self.versions_dir)
         return n
 

@@ -56,6 +56,16 @@ def test_verify_detects_one_flipped_byte_in_the_features(clean_store, tmp_path, 
     assert clean_store.verify()[0].ok  # the original is untouched
 
 
+def test_cli_verify_names_the_flipped_features(clean_store, tmp_path, python, subprocess_env):
+    import subprocess
+
+    damaged = damaged_copy(clean_store, tmp_path, "features", "middle")
+    r = subprocess.run([python, "-m", "fracfeat", "store", "verify", str(damaged.root)], env=subprocess_env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "v1  DAMAGED" in r.stdout and "features" in r.stdout
+
+
 def test_verify_detects_one_flipped_byte_in_the_labels(clean_store, tmp_path):
     damaged = damaged_copy(clean_store, tmp_path, "labels", "middle")
     (report,) = damaged.verify()
