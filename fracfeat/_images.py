@@ -22,7 +22,6 @@ import io
 import os
 import stat
 import threading
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -138,6 +137,12 @@ def _decode(data: bytes, size: int, allow_truncated: bool):
     from PIL import Image, ImageFile, ImageOps
 
     with Image.open(io.BytesIO(data)) as img:
+        # Pillow itself only warns between 1x and 2x its limit; refuse from 1x, by an explicit check
+        # (a warnings filter would be process-wide, not per decoding thread).
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:
+            raise Image.DecompressionBombError(
+                f"{img.width}x{img.height} = {img.width * img.height} pixels, over the limit of {limit}")
         if img.format == "JPEG":
             img.draft(None, (size, size))
         if allow_truncated:
@@ -170,16 +175,14 @@ def decode_bytes(data: bytes, size: int, truncated: str = "read") -> DecodedImag
     if not data:
         return DecodedImage(None, failure("empty file", "0 bytes"))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                return DecodedImage(_decode(data, size, allow_truncated=False))
-            except OSError as e:
-                if not _is_truncation(e):
-                    raise
-                if truncated == "reject":
-                    return DecodedImage(None, failure("truncated image", f"{e}; pass truncated='read' to use what is there"))
-                return DecodedImage(_decode(data, size, allow_truncated=True), truncated=True)
+        try:
+            return DecodedImage(_decode(data, size, allow_truncated=False))
+        except OSError as e:
+            if not _is_truncation(e):
+                raise
+            if truncated == "reject":
+                return DecodedImage(None, failure("truncated image", f"{e}; pass truncated='read' to use what is there"))
+            return DecodedImage(_decode(data, size, allow_truncated=True), truncated=True)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return DecodedImage(None, failure("too large", f"beyond Pillow's decompression-bomb guard ({e}); "
                                                        f"raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"))

@@ -22,6 +22,9 @@ from fracfeat._images import decode_bytes, failure_kind, load_image, read_file
 
 SIZE = 32
 
+# Pillow warns about every file over its pixel limit before fracfeat refuses it; expected here.
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+
 
 def radiograph_like(w=96, h=80, seed=0) -> np.ndarray:
     """A smooth grayscale test pattern (uint8), so resizing differences stay tiny."""
@@ -143,6 +146,7 @@ def test_truncated_policy_read_flags_reject_fails(corpus):
     assert rejected.pixels is None and "truncated" in rejected.error and "truncated='read'" in rejected.error
 
 
+@pytest.mark.slow
 def test_non_utf8_file_name_is_extracted(tmp_path, corpus):
     """Linux file names are bytes; one that is not UTF-8 must not crash writing the HDF5 string columns."""
     d = os.fsencode(tmp_path / "raw")
@@ -252,3 +256,22 @@ def test_truncated_policy_holds_when_decoding_in_threads(fracatlas):
             assert r.error is None and r.truncated
         else:
             assert r.pixels is None and failure_kind(r.error) == "truncated image"
+
+
+def test_decompression_bomb_guard_holds_when_decoding_in_threads(tmp_path):
+    """warnings.catch_warnings is process-wide, not per thread: the guard must not depend on it."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    png_header_only(tmp_path / "big.png", 10000, 10000)  # over MAX_IMAGE_PIXELS, under 2x: only a warning in Pillow
+    Image.fromarray(radiograph_like(), "L").save(tmp_path / "ok.png")
+    big, ok = (tmp_path / "big.png").read_bytes(), (tmp_path / "ok.png").read_bytes()
+    filters_before = list(warnings.filters)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda k: decode_bytes(big if k % 2 else ok, SIZE), range(200)))
+    for k, r in enumerate(results):
+        if k % 2:
+            assert r.pixels is None and failure_kind(r.error) == "too large", r.error
+        else:
+            assert r.error is None
+    assert warnings.filters == filters_before  # decoding leaves the process's warning filters as they were
