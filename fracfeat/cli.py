@@ -66,12 +66,17 @@ def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | Non
     g.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default: 32)")
     g.add_argument("--precision", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     g.add_argument("--runtime", default="auto", help="auto, keras or openvino (default: auto)")
+    g.add_argument("--truncated", default="read", choices=("read", "reject"),
+                   help="truncated image files: read what is there (flagged per row) or record them as failures "
+                        "(default: read)")
+    g.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image (default: record it as a failure and go on)")
 
 
 def _extract_kwargs(args) -> dict:
     return dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, pooling=args.pooling,
                 batch_size=args.batch_size, precision=args.precision, runtime=args.runtime,
-                progress=not args.quiet)
+                truncated=args.truncated, strict=args.strict, progress=not args.quiet)
 
 
 # -- extract -----------------------------------------------------------------------------------------
@@ -83,6 +88,12 @@ def cmd_extract(args) -> int:
            else "unchanged: every image was in the cache")
     print(f"{args.store}: v{fs.version}  {len(fs)} images x {fs.n_features} features  ({how}, "
           f"{len(fs.failures)} failed)")
+    if fs.failures:
+        print("failed: " + ", ".join(f"{n} {kind}" for kind, n in fs.failure_summary().items()))
+        for f in fs.failures[:5]:
+            print(f"  {f['path']}: {f['reason']}")
+        if len(fs.failures) > 5:
+            print(f"  ... and {len(fs.failures) - 5} more (FeatureStore({args.store!r}).open({fs.version}).failures)")
     return 0
 
 

@@ -275,3 +275,23 @@ def test_decompression_bomb_guard_holds_when_decoding_in_threads(tmp_path):
         else:
             assert r.error is None
     assert warnings.filters == filters_before  # decoding leaves the process's warning filters as they were
+
+
+@pytest.mark.slow
+def test_cli_truncated_and_strict_options(corpus, tmp_path, python, subprocess_env):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("gray8_png", "real_truncated_0", "text_png"):
+        shutil.copy(corpus[name], folder / corpus[name].name)
+    os.symlink(tmp_path / "gone.png", folder / "gone.png")
+    store = tmp_path / "cli-store"
+    base = [python, "-m", "fracfeat", "extract", str(folder), "--store", str(store), "--weights", "none",
+            "--image-size", "32", "-q"]
+    import subprocess
+
+    r = subprocess.run(base + ["--strict"], env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "gone.png: file not found" in r.stderr and "strict=True" in r.stderr, r.stderr
+    r = subprocess.run(base + ["--truncated", "reject"], env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "failed: 1 file not found, 1 not an image, 1 truncated image" in r.stdout, r.stdout
+    assert "real_truncated_0.jpg: truncated image:" in r.stdout
