@@ -133,6 +133,8 @@ def extract(
     -------
     FeatureSet
         The rows of the new (or identical existing) version, in source order, failures excluded.
+        Its ``X`` is read from the store version on first access: extracting a 100k-image source
+        streams rows to disk and never holds the whole feature matrix unless asked to.
 
     Examples
     --------
@@ -213,7 +215,7 @@ def extract(
         if existing is not None:
             log.info("nothing changed: store version v%d already holds these %d images", existing, len(keep))
             feature_store.remove_checkpoints(fingerprint, set(table["ids"]))
-            return feature_store.open(existing)
+            return feature_store.open(existing, lazy=True)
 
         computed = bool(todo)
         provenance = {
@@ -239,7 +241,7 @@ def extract(
         n = _write_version(feature_store, fingerprint, table, failures, provenance, content, index)
         pause_point("committed")
         feature_store.remove_checkpoints(fingerprint, set(table["ids"]))
-    fs = feature_store.open(n)
+    fs = feature_store.open(n, lazy=True)
     log.info("store %s: wrote v%d (%d images x %d features) in %.1fs", feature_store.root, n, len(fs),
              fs.n_features, time.perf_counter() - t_start)
     return fs

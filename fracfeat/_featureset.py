@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,8 @@ class FeatureSet:
     Attributes
     ----------
     X : ndarray of shape (n_images, n_features), float32
+        Where the set came from a store version with ``x_loader``, read on first access (so a
+        100k-image extraction does not hold its feature matrix until someone asks for it).
     y : ndarray of shape (n_images,), int, or None
         1 = fractured, 0 = not fractured, -1 = unlabeled row in a partly labeled set.
         None when no row has a label.
@@ -50,6 +53,7 @@ class FeatureSet:
     failures: list = field(default_factory=list)
     truncated: np.ndarray | None = None
     store: str | None = None
+    x_loader: Any = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -62,6 +66,8 @@ class FeatureSet:
 
     @property
     def n_features(self) -> int:
+        if self._X is None and self.x_loader is not None:
+            return int(self.x_loader.n_features)
         return int(self.X.shape[1]) if self.X.ndim == 2 else 0
 
     @property
@@ -110,6 +116,21 @@ class FeatureSet:
         if self.y is None:
             return self.subset(np.zeros(len(self), dtype=bool))
         return self.subset(self.y != UNLABELED)
+
+
+def _get_X(self) -> np.ndarray:
+    if self._X is None and self.x_loader is not None:
+        self._X = self.x_loader()
+    return self._X
+
+
+def _set_X(self, value) -> None:
+    self._X = value
+
+
+# A property over the dataclass field: ``FeatureSet(X=None, x_loader=...)`` defers reading the rows.
+FeatureSet._X = None
+FeatureSet.X = property(_get_X, _set_X, doc="Feature rows, (n_images, n_features) float32; loaded on first access.")
 
 
 def classes_from_rows(labels: np.ndarray, class_names: np.ndarray) -> tuple[str, str]:

@@ -114,6 +114,25 @@ def read_rows(ds, rows: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class StoredRows:
+    """The feature matrix of one version file, read when called (picklable: a path and a shape)."""
+
+    path: str
+    n_rows: int
+    n_features: int
+
+    def __call__(self) -> np.ndarray:
+        import h5py
+
+        try:
+            with h5py.File(self.path, "r") as f:
+                return f["features"][:]
+        except (OSError, KeyError) as e:
+            raise StoreError(f"{self.path} cannot be read ({e}); run `fracfeat store verify` on its store, "
+                             f"or delete the damaged version file (its rows are recomputed on the next extract)") from None
+
+
+@dataclass(frozen=True)
 class VersionInfo:
     """What ``FeatureStore.versions()`` lists for each version."""
 
@@ -383,8 +402,12 @@ class FeatureStore:
             raise StoreError(f"{path} is damaged: {e}. Run `fracfeat store verify {self.root}` to see what; "
                              f"delete the damaged version file (its rows are recomputed on the next extract)") from None
 
-    def open(self, version="latest") -> FeatureSet:
-        """Load a version as a :class:`FeatureSet` (features in memory)."""
+    def open(self, version="latest", lazy: bool = False) -> FeatureSet:
+        """Load a version as a :class:`FeatureSet`.
+
+        With ``lazy=True`` the feature matrix stays on disk until ``.X`` is first read; the per-row
+        metadata is loaded either way.
+        """
         n = self.resolve(version)
         with self._open_h5(n) as f, self._damage_reported(self._version_path(n)):
             labels = f["labels"][:].astype(np.int64)
@@ -397,8 +420,10 @@ class FeatureStore:
             ]
             provenance = json.loads(f.attrs["provenance"])
             provenance["version"] = n
+            features = f["features"]
             return FeatureSet(
-                X=f["features"][:], y=y, ids=_as_str_array(f["ids"][:]), paths=_as_str_array(f["paths"][:]),
+                X=None if lazy else features[:], x_loader=StoredRows(str(self._version_path(n)), *features.shape),
+                y=y, ids=_as_str_array(f["ids"][:]), paths=_as_str_array(f["paths"][:]),
                 groups=_as_str_array(f["groups"][:]), splits=_as_str_array(f["splits"][:]),
                 class_names=class_names, classes=classes_from_rows(labels, class_names), version=n,
                 provenance=provenance, failures=failures, truncated=f["truncated"][:].astype(bool),
