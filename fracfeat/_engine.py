@@ -10,6 +10,7 @@ TensorFlow both release the GIL), so the CPU decodes the next batch while the ba
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -180,6 +181,16 @@ def _build_feature_model(config: ExtractorConfig, weights: ResolvedWeights):
         keras.config.set_dtype_policy(policy_before)
 
 
+def keras_versions() -> dict:
+    """Keras, its backend and TensorFlow versions (imports Keras)."""
+    import keras
+
+    versions = {"keras_version": keras.__version__, "keras_backend": keras.backend.backend(), "tensorflow_version": ""}
+    if "tensorflow" in sys.modules:
+        versions["tensorflow_version"] = sys.modules["tensorflow"].__version__
+    return versions
+
+
 class KerasRunner:
     """Runs the feature model with one compiled graph call per batch (no ``predict`` overhead)."""
 
@@ -200,6 +211,9 @@ class KerasRunner:
     @property
     def n_features(self) -> int:
         return int(self.model.output_shape[-1])
+
+    def versions(self) -> dict:
+        return keras_versions()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self._fn is not None:
@@ -252,17 +266,29 @@ class OpenVINORunner:
                 ov_model = core.read_model(str(xml))
             except Exception as e:  # a damaged cache entry is rebuilt, never fatal
                 log.warning("ignoring unreadable OpenVINO cache %s (%s: %s)", xml.parent, type(e).__name__, e)
+            # The Keras/TensorFlow that traced the graph, recorded at conversion: reading them back
+            # spares importing TensorFlow (~0.7 GB, seconds) in runs that only need the cached model.
+            try:
+                self._versions = json.loads((xml.parent / "versions.json").read_text())
+            except (OSError, ValueError):
+                ov_model = None
+            if ov_model is None:
+                import shutil
+
+                shutil.rmtree(xml.parent, ignore_errors=True)  # make room for a sound entry
         if ov_model is None:
             t = time.perf_counter()
             ov_model = _keras_to_openvino(ov, build_float32_model())
+            self._versions = keras_versions()
             log.info("converted %s to OpenVINO in %.1fs", config.backbone, time.perf_counter() - t)
-            self._save(ov, ov_model, root, key)
+            self._save(ov, ov_model, self._versions, root, key)
+        self._versions = {**self._versions, "openvino_version": ov.__version__}
         properties = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[config.precision], "PERFORMANCE_HINT": "LATENCY"}
         self.compiled = core.compile_model(ov_model, "CPU", properties)
         self._request = self.compiled.create_infer_request()
 
     @staticmethod
-    def _save(ov, ov_model, root: Path, key: str) -> None:
+    def _save(ov, ov_model, versions: dict, root: Path, key: str) -> None:
         import shutil
         import tempfile
 
@@ -271,6 +297,7 @@ class OpenVINORunner:
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
             # compress_to_fp16=False: the cached weights must stay the exact float32 values.
             ov.save_model(ov_model, str(tmp / "model.xml"), compress_to_fp16=False)
+            (tmp / "versions.json").write_text(json.dumps(versions))
             try:
                 os.replace(tmp, root / key)  # atomic: a reader sees a whole entry or none
             except OSError:  # another process cached it first
@@ -281,6 +308,9 @@ class OpenVINORunner:
     @property
     def n_features(self) -> int:
         return int(self.compiled.output(0).get_partial_shape()[-1].get_length())
+
+    def versions(self) -> dict:
+        return dict(self._versions)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         # share_inputs: OpenVINO reads the batch buffer in place (the call is synchronous).
@@ -318,6 +348,10 @@ class FeatureEngine:
     @property
     def n_features(self) -> int:
         return self.runner.n_features
+
+    def versions(self) -> dict:
+        """Versions of the software computing the features (for provenance)."""
+        return self.runner.versions()
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """Features of already decoded uint8 images, shape (n, s, s, 3)."""

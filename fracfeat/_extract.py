@@ -45,19 +45,18 @@ def hash_files(paths, workers: int = 4, progress: bool = False):
         return list(tqdm(results, total=len(paths), desc="hashing", unit="img", disable=not progress, leave=False))
 
 
-def _runtime_versions(computed: bool, store: FeatureStore, fingerprint: str) -> dict:
-    """Keras/TensorFlow versions that made the rows (imports Keras only if this run computed rows)."""
-    if not computed:
+def _runtime_versions(engine_versions: dict | None, store: FeatureStore, fingerprint: str) -> dict:
+    """Versions of the software that made the rows: the engine's when this run computed rows, else the parent's."""
+    keys = ("keras_version", "keras_backend", "tensorflow_version", "openvino_version")
+    if engine_versions is None:
         parent = store.latest_with_fingerprint(fingerprint)
         if parent:
             prov = store.provenance(parent)
-            return {k: prov.get(k, "") for k in ("keras_version", "keras_backend", "tensorflow_version")}
-    import keras
+            return {k: prov.get(k, "") for k in keys}
+        from ._engine import keras_versions
 
-    versions = {"keras_version": keras.__version__, "keras_backend": keras.backend.backend(), "tensorflow_version": ""}
-    if "tensorflow" in sys.modules:
-        versions["tensorflow_version"] = sys.modules["tensorflow"].__version__
-    return versions
+        engine_versions = keras_versions()
+    return {k: engine_versions.get(k, "") for k in keys}
 
 
 def extract(
@@ -180,8 +179,9 @@ def extract(
 
         t_compute = time.perf_counter()
         bad_content: dict[str, str] = {}
+        engine_versions = None
         if todo:
-            _compute_missing(feature_store, config, resolved_weights, todo, paths, index, bad_content,
+            engine_versions = _compute_missing(feature_store, config, resolved_weights, todo, paths, index, bad_content,
                              batch_size, strict, workers, checkpoint_every, progress)
         compute_seconds = time.perf_counter() - t_compute
         for i, digest in enumerate(ids):
@@ -217,7 +217,6 @@ def extract(
             feature_store.remove_checkpoints(fingerprint, set(table["ids"]))
             return feature_store.open(existing, lazy=True)
 
-        computed = bool(todo)
         provenance = {
             "fracfeat_version": __version__,
             "created": utc_now(),
@@ -227,7 +226,7 @@ def extract(
             "weights_kind": resolved_weights.kind,
             "weights_path": resolved_weights.path or "",
             "fingerprint": fingerprint,
-            **_runtime_versions(computed, feature_store, fingerprint),
+            **_runtime_versions(engine_versions, feature_store, fingerprint),
             "python_version": platform.python_version(),
             "platform": platform.platform(),
             "machine": platform.machine(),
@@ -248,8 +247,11 @@ def extract(
 
 
 def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_content,
-                     batch_size, strict, workers, checkpoint_every, progress):
-    """Run the engine on the cache misses, checkpointing rows into the store as they come."""
+                     batch_size, strict, workers, checkpoint_every, progress) -> dict:
+    """Run the engine on the cache misses, checkpointing rows into the store as they come.
+
+    Returns the versions of the software that computed them (:meth:`FeatureEngine.versions`).
+    """
     from tqdm.auto import tqdm
 
     engine = FeatureEngine(config, resolved_weights)
@@ -293,6 +295,7 @@ def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_co
         flush()
     finally:
         bar.close()
+    return engine.versions()
 
 
 def _write_version(store, fingerprint, table, failures, provenance, content, index) -> int:

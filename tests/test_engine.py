@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -134,3 +135,18 @@ def test_choosing_a_path_on_a_cpu_does_not_import_tensorflow(subprocess_env, pyt
         import os
 
         assert os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")
+
+
+def test_extract_from_a_cached_openvino_model_never_imports_tensorflow(class_folder, tmp_path, subprocess_env, python):
+    pytest.importorskip("openvino")
+    subprocess_env["FRACFEAT_CACHE_DIR"] = str(tmp_path / "cache")
+    code = ("import sys, json; from fracfeat import extract; "
+            f"fs = extract({str(class_folder)!r}, store=sys.argv[1], backbone='vgg16', weights=None, image_size=32, "
+            "precision='float32', runtime='openvino', progress=False); "
+            "p = fs.provenance; print(json.dumps([p['runtime'], p['openvino_version'], p['keras_version'], "
+            "'tensorflow' in sys.modules]))")
+    runs = [subprocess.run([python, "-c", code, str(tmp_path / f"store{i}")], env=subprocess_env,
+                           capture_output=True, text=True, check=True) for i in range(2)]
+    first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert first[:3] == second[:3] and first[0] == "openvino" and first[1] and first[2]
+    assert first[3] is True and second[3] is False  # converted once, then read from the cache

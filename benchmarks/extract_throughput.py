@@ -1,0 +1,281 @@
+"""Extraction throughput: the seed recipes' per-image loop vs fracfeat, per backbone, side by side.
+
+For each backbone, on the same FracAtlas JPEGs, in one run:
+
+- ``baseline``: the seed recipes' way: each file opened at full size with PIL, resized, preprocessed,
+  ``model.predict`` on one image at a time, float32 Keras (decode + predict, per image);
+- ``extract``: ``fracfeat.extract`` end to end (files in, store version out, a fresh store each
+  repeat, default settings: "auto" precision/runtime, engine-chosen batch size), model setup included;
+- ``forward``: forward-only on already decoded uint8 batches, for float32 Keras and every other path
+  asked for (default: float32 OpenVINO and whatever "auto" picks), to show what decoding and I/O cost;
+- ``decode``: fracfeat's decode pipeline alone (threads, JPEG draft mode).
+
+Medians over repeats, ratios against the baseline. Peak RSS of a whole ``extract`` run is measured in a
+child process per size (``--rss 400,4000``), reading its VmHWM, to show memory stays flat.
+
+    python benchmarks/extract_throughput.py                       # all three backbones, ~15 min on 2 cores
+    python benchmarks/extract_throughput.py --backbones resnet50 --n 32 --repeats 2 --rss ""   # quick look
+
+Writes ``benchmarks/results/extract_throughput.json`` (``--out``). Needs ../shared/data/fracatlas
+(``FRACFEAT_SHARED``); VGG16 uses the real ImageNet weights from ../shared/weights, the others
+seeded random weights (speed does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("FRACFEAT_SHARED", REPO.parent / "shared")).resolve()
+FRACATLAS = SHARED / "data" / "fracatlas"
+VGG16_WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
+
+import numpy as np  # noqa: E402
+
+
+def image_paths(n: int) -> list[str]:
+    """The first ``n`` clean FracAtlas JPEGs (use=1: no truncated files, which the seed loop cannot open)."""
+    with open(FRACATLAS / "manifest.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["use"] == "1"]
+    if n > len(rows):
+        raise SystemExit(f"asked for {n} images; {FRACATLAS} has {len(rows)} clean ones")
+    return [str(FRACATLAS / r["path"]) for r in rows[:n]]
+
+
+def weights_for(backbone: str):
+    return str(VGG16_WEIGHTS) if backbone == "vgg16" else None
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def median_rate(n_images: int, seconds: list[float]) -> dict:
+    med = statistics.median(seconds)
+    return {"images_per_s": round(n_images / med, 2), "median_s": round(med, 3), "runs_s": [round(s, 3) for s in seconds]}
+
+
+def bench_baseline(backbone: str, paths: list[str], repeats: int) -> dict:
+    """The seed recipes' loop: PIL full-size open, resize, preprocess, predict one image at a time."""
+    import importlib
+
+    import keras
+    from PIL import Image
+
+    from fracfeat._backbones import backbone_spec
+
+    spec = backbone_spec(backbone)
+    module = importlib.import_module(f"keras.applications.{spec.keras_module}")
+    size = spec.default_size
+    keras.config.set_dtype_policy("float32")
+    model = getattr(module, spec.keras_constructor)(include_top=False, weights=None, pooling="avg",
+                                                     input_shape=(size, size, 3))
+    if backbone == "vgg16":
+        model.load_weights(str(VGG16_WEIGHTS))
+
+    def run():
+        predict_s = 0.0
+        for p in paths:
+            img = Image.open(p).convert("RGB").resize((size, size))
+            x = module.preprocess_input(np.asarray(img, dtype="float32")[None])
+            t = time.perf_counter()
+            model.predict(x, verbose=0)
+            predict_s += time.perf_counter() - t
+        return predict_s
+
+    run()  # warm-up: graph tracing
+    totals, predicts = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        predicts.append(run())
+        totals.append(time.perf_counter() - t)
+    out = median_rate(len(paths), totals)
+    out["predict_only_images_per_s"] = round(len(paths) / statistics.median(predicts), 2)
+    return out
+
+
+def bench_extract(backbone: str, paths: list[str], repeats: int, workdir: Path) -> dict:
+    """fracfeat.extract end to end into a fresh store per repeat (default settings)."""
+    from fracfeat import extract
+
+    extract(paths[:4], backbone=backbone, weights=weights_for(backbone), store=workdir / "warmup", progress=False)
+    seconds, compute = [], []
+    fs = None
+    for r in range(repeats):
+        t = time.perf_counter()
+        fs = extract(paths, backbone=backbone, weights=weights_for(backbone), store=workdir / f"store{r}", progress=False)
+        seconds.append(time.perf_counter() - t)
+        compute.append(fs.provenance["compute_seconds"])
+        assert len(fs) == len(paths), f"{len(paths) - len(fs)} images failed: {fs.failures[:3]}"
+    out = median_rate(len(paths), seconds)
+    out.update(precision=fs.provenance["precision"], runtime=fs.provenance["runtime"],
+               compute_seconds_median=round(statistics.median(compute), 3))
+    return out
+
+
+def decoded_batch(backbone: str, paths: list[str], repeats: int) -> tuple[np.ndarray, dict]:
+    from fracfeat._engine import FeatureEngine, resolve_extractor
+
+    config, resolved = resolve_extractor(backbone, None, precision="float32", runtime="keras")
+    engine = FeatureEngine(config, resolved)
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        pixels = np.stack([d.pixels for _, d in engine.iter_decoded(paths)])
+        seconds.append(time.perf_counter() - t)
+    return pixels, median_rate(len(paths), seconds)
+
+
+def bench_forward(backbone: str, pixels: np.ndarray, path: tuple[str, str], repeats: int, batch_size: int) -> dict:
+    """Forward-only on decoded uint8 batches through the engine (the code extract runs)."""
+    from fracfeat._engine import FeatureEngine, resolve_extractor
+
+    precision, runtime = path
+    config, resolved = resolve_extractor(backbone, weights_for(backbone), precision=precision, runtime=runtime)
+    engine = FeatureEngine(config, resolved)
+    t = time.perf_counter()
+    engine.forward(pixels[:batch_size])  # build/compile + warm-up
+    setup = time.perf_counter() - t
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for start in range(0, len(pixels), batch_size):
+            engine.forward(pixels[start:start + batch_size])
+        seconds.append(time.perf_counter() - t)
+    out = median_rate(len(pixels), seconds)
+    out.update(precision=config.precision, runtime=config.runtime, batch_size=batch_size,
+               setup_s=round(setup, 2))
+    return out
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident set size in kB.
+
+    Linux's VmHWM, not ru_maxrss: the kernel carries the parent's high-water mark into a child's
+    ru_maxrss across fork+exec, so a child of a 2 GB benchmark process would report 2 GB whatever it did.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def rss_child(backbone: str, n: int, image_size: int | None, store: str) -> None:
+    """Run one extract and print its peak RSS (this process's ru_maxrss) as JSON."""
+    from fracfeat import extract
+
+    t = time.perf_counter()
+    fs = extract(image_paths(n), backbone=backbone, weights=weights_for(backbone), image_size=image_size,
+                 store=store, progress=False)
+    seconds = time.perf_counter() - t
+    print(json.dumps({"n_images": n, "n_rows": len(fs), "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
+                      "seconds": round(seconds, 1), "precision": fs.provenance["precision"],
+                      "runtime": fs.provenance["runtime"], "image_size": fs.provenance["image_size"]}))
+
+
+def bench_rss(backbone: str, sizes: list[int], image_size: int | None, workdir: Path) -> list[dict]:
+    out = []
+    for n in [8, *sizes]:  # the first, uncounted run fills the compiled-model cache as a user's first run does
+        cmd = [sys.executable, __file__, "--rss-child", str(n), "--backbones", backbone,
+               "--store", str(workdir / f"rss{n}")]
+        if image_size:
+            cmd += ["--image-size", str(image_size)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if n == 8 and len(out) == 1:
+            out.pop()
+            continue
+        print(f"  peak RSS, {n} images: {out[-1]['peak_rss_mb']} MB ({out[-1]['seconds']} s)", flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbones", default="vgg16,resnet50,efficientnetb2")
+    ap.add_argument("--n", type=int, default=96, help="images for extract / forward / decode (default 96)")
+    ap.add_argument("--baseline-n", type=int, default=16, help="images for the per-image seed loop (default 16)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32, help="forward-only batch size")
+    ap.add_argument("--paths", default="float32:keras,float32:openvino,auto:auto",
+                    help="forward-only paths as precision:runtime, comma separated")
+    ap.add_argument("--rss", default="400,4000", help="image counts for the peak-RSS runs ('' to skip)")
+    ap.add_argument("--rss-backbone", default="resnet50")
+    ap.add_argument("--rss-image-size", type=int, default=None)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "extract_throughput.json"))
+    ap.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    ap.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_child:
+        return rss_child(args.backbones, args.rss_child, args.image_size, args.store)
+    if not (FRACATLAS / "manifest.csv").is_file():
+        raise SystemExit(f"FracAtlas not found at {FRACATLAS}: set FRACFEAT_SHARED to the shared/ folder")
+
+    from fracfeat._engine import cpu_has_bf16, has_gpu, openvino_available
+
+    paths = image_paths(args.n)
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_avg_start": load_avg(),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpu": has_gpu(),
+                    "cpu_bf16": cpu_has_bf16(), "openvino": openvino_available()},
+        "n_images": args.n, "baseline_n_images": args.baseline_n, "repeats": args.repeats, "backbones": {},
+    }
+    print(f"load average {result['load_avg_start']}; {args.n} images, {args.repeats} repeats", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fracfeat-bench-") as tmp:
+        work = Path(tmp)
+        for backbone in args.backbones.split(","):
+            r = result["backbones"][backbone] = {}
+            print(f"{backbone}:", flush=True)
+            r["baseline"] = bench_baseline(backbone, paths[:args.baseline_n], args.repeats)
+            print(f"  baseline (seed loop)  {r['baseline']['images_per_s']:7.2f} img/s", flush=True)
+            r["extract"] = bench_extract(backbone, paths, args.repeats, work / backbone)
+            print(f"  extract end to end    {r['extract']['images_per_s']:7.2f} img/s "
+                  f"({r['extract']['precision']}/{r['extract']['runtime']})", flush=True)
+            pixels, r["decode"] = decoded_batch(backbone, paths, args.repeats)
+            print(f"  decode only           {r['decode']['images_per_s']:7.2f} img/s", flush=True)
+            r["forward"] = {}
+            for spec in args.paths.split(","):
+                fwd = bench_forward(backbone, pixels, tuple(spec.split(":")), args.repeats, args.batch_size)
+                key = f"{fwd['precision']}/{fwd['runtime']}"
+                if spec == "auto:auto":
+                    r["auto_path"] = key
+                if key in r["forward"]:
+                    continue
+                r["forward"][key] = fwd
+                print(f"  forward {key:17s} {fwd['images_per_s']:7.2f} img/s", flush=True)
+            base = r["baseline"]["images_per_s"]
+            r["ratios_vs_baseline"] = {"extract": round(r["extract"]["images_per_s"] / base, 2),
+                                       **{f"forward {k}": round(v["images_per_s"] / base, 2) for k, v in r["forward"].items()}}
+            print(f"  extract / baseline    {r['ratios_vs_baseline']['extract']:7.2f}x", flush=True)
+        if args.rss:
+            sizes = [int(s) for s in args.rss.split(",")]
+            print(f"peak RSS of extract ({args.rss_backbone}), one child process per size:", flush=True)
+            result["peak_rss"] = {"backbone": args.rss_backbone,
+                                  "runs": bench_rss(args.rss_backbone, sizes, args.rss_image_size, work)}
+    result["load_avg_end"] = load_avg()
+    result["gpu_figures"] = "none: no GPU on this machine" if not result["machine"]["gpu"] else "see forward/extract"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"load average at the end {result['load_avg_end']}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
