@@ -134,6 +134,8 @@ def extract(
         The rows of the new (or identical existing) version, in source order, failures excluded.
         Its ``X`` is read from the store version on first access: extracting a 100k-image source
         streams rows to disk and never holds the whole feature matrix unless asked to.
+        Its ``provenance`` is the version's, except ``n_computed``, ``n_reused`` and
+        ``compute_seconds``, which describe this call (0 computed when every row came from the cache).
 
     Examples
     --------
@@ -211,11 +213,19 @@ def extract(
                                  table["splits"], table["groups"])
         failure_key = records_sha256([f["path"] for f in failures], [f["reason"] for f in failures], *[[""] * len(failures)] * 4)
         content = records_sha256([content], [failure_key], [0], [""], [""], [""])
+        # What this call did; an identical existing version keeps its own counts on disk.
+        run_counts = {
+            "n_computed": len(todo) - len(bad_content),
+            "n_reused": n_reused,
+            "compute_seconds": round(compute_seconds, 3),
+        }
         existing = feature_store.find_identical(fingerprint, content)
         if existing is not None:
             log.info("nothing changed: store version v%d already holds these %d images", existing, len(keep))
             feature_store.remove_checkpoints(fingerprint, set(table["ids"]))
-            return feature_store.open(existing, lazy=True)
+            fs = feature_store.open(existing, lazy=True)
+            fs.provenance.update(run_counts)
+            return fs
 
         provenance = {
             "fracfeat_version": __version__,
@@ -233,9 +243,7 @@ def extract(
             "n_records": len(records),
             "n_images": len(keep),
             "n_failed": len(failures),
-            "n_computed": len(todo) - len(bad_content),
-            "n_reused": n_reused,
-            "compute_seconds": round(compute_seconds, 3),
+            **run_counts,
         }
         n = _write_version(feature_store, fingerprint, table, failures, provenance, content, index)
         pause_point("committed")
