@@ -30,7 +30,8 @@ STRIDE = 32
 
 @functools.lru_cache(maxsize=None)
 def engine(backbone: str, pooling: str, size: int) -> FeatureEngine:
-    config, weights = resolve_extractor(backbone, None, size, pooling)
+    # The Keras runtime: these tests look inside the Keras graph (test_engine compares the runtimes).
+    config, weights = resolve_extractor(backbone, None, size, pooling, runtime="keras")
     return FeatureEngine(config, weights)
 
 
@@ -154,7 +155,7 @@ def test_weights_file_of_another_backbone_is_refused(vgg16_weights):
 
 
 def test_real_vgg16_weights_load_and_differ_from_random(vgg16_weights, real_images):
-    config, weights = resolve_extractor("vgg16", vgg16_weights, 64, "avg")
+    config, weights = resolve_extractor("vgg16", vgg16_weights, 64, "avg", runtime="keras")
     pixels = np.stack([load_image(str(p), 64).pixels for p in real_images["fractured"][:2]])
     real = FeatureEngine(config, weights).forward(pixels)
     random = engine("vgg16", "avg", 64).forward(pixels)
