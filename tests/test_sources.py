@@ -234,3 +234,16 @@ def test_empty_folder_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="holds no images"):
         load_records(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("where", ["root", "split"])
+def test_images_beside_class_folders_are_refused_not_dropped(tmp_path, real_images, where):
+    """An image next to the class folders has no label; silently skipping it would lose data."""
+    root = tmp_path / "dataset"
+    base = root / "train" if where == "split" else root
+    _copy(real_images["fractured"][:1], base / "fractured")
+    _copy(real_images["not_fractured"][:1], base / "not_fractured")
+    stray = _copy(real_images["fractured"][1:2], base)[0]
+    with pytest.raises(SourceError, match=f"{stray.name}.*class folder") as err:
+        load_records(root)
+    assert str(base) in str(err.value)
