@@ -111,7 +111,19 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
+def _refuse_loose_images(folder: Path) -> None:
+    """Images next to class (or split) folders have no label: refuse them rather than drop them."""
+    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    if loose:
+        shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
+        raise SourceError(
+            f"{folder}: {len(loose)} image(s) lie beside the class folders ({shown}), so their label is unknown. "
+            f"Move each into its class folder, or pass a list of paths or a CSV manifest instead."
+        )
+
+
 def _class_folders(folder: Path, split: str, class_map) -> list[ImageRecord]:
+    _refuse_loose_images(folder)
     records = []
     for class_dir in _subdirs(folder):
         label = label_for_class_name(class_dir.name, class_map)
@@ -132,6 +144,7 @@ def records_from_folder(folder: Path, class_map=None) -> list[ImageRecord]:
                 f"{folder}: mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
                 f"folders ({', '.join(others)}). Put every class folder inside a split folder, or remove the split folders."
             )
+        _refuse_loose_images(folder)
         records = []
         for d in split_dirs:
             records.extend(_class_folders(d, _SPLIT_NAMES[d.name.lower()], class_map))
