@@ -2,9 +2,9 @@
 
 Public API (everything else lives in private modules)::
 
-    from fracfeat import extract, FeatureStore, FeatureSet
+    from fracfeat import extract, fit, evaluate, FeatureStore, FeatureSet, DeepFeatures
 
-Importing fracfeat is cheap: TensorFlow/Keras, XGBoost and matplotlib load only when used.
+Importing fracfeat is cheap: TensorFlow/Keras, XGBoost, Optuna and matplotlib load only when used.
 """
 
 from ._errors import (
@@ -18,11 +18,18 @@ from ._errors import (
 )
 from ._extract import extract
 from ._featureset import FeatureSet
+from ._fit import FitResult, fit
+from ._metrics import METRIC_KEYS, evaluate
 from ._store import FeatureStore
 from ._version import __version__
 
 __all__ = [
     "extract",
+    "fit",
+    "evaluate",
+    "DeepFeatures",
+    "FitResult",
+    "METRIC_KEYS",
     "FeatureSet",
     "FeatureStore",
     "FracfeatError",
@@ -34,3 +41,16 @@ __all__ = [
     "WeightsError",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    # DeepFeatures subclasses scikit-learn's BaseEstimator: load sklearn only when it is asked for.
+    if name == "DeepFeatures":
+        from ._transformer import DeepFeatures
+
+        return DeepFeatures
+    raise AttributeError(f"module 'fracfeat' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"DeepFeatures"})

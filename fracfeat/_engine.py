@@ -25,7 +25,7 @@ import numpy as np
 
 from ._backbones import CAFFE_MEAN_BGR, BackboneSpec, ResolvedWeights, backbone_spec, build_backbone, resolve_weights
 from ._config import ExtractorConfig, validate_settings
-from ._errors import ImageError
+from ._errors import ConfigError, ImageError, WeightsError
 from ._images import DecodedImage, load_image
 
 log = logging.getLogger("fracfeat")
@@ -149,6 +149,43 @@ def resolve_extractor(
         weights=resolved.identity, precision=prec, runtime=rt, truncated=tr,
     )
     return config, resolved
+
+
+def config_from_provenance(provenance: dict) -> ExtractorConfig:
+    """The exact extractor a store version was made with (resolved precision/runtime, no "auto")."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(ExtractorConfig)]
+    missing = [n for n in names if n not in provenance]
+    if missing:
+        raise ConfigError(f"provenance lacks {', '.join(missing)}: it does not come from a fracfeat store version")
+    config = ExtractorConfig(**{n: provenance[n] for n in names})
+    recorded = provenance.get("fingerprint")
+    if recorded and recorded != config.fingerprint:
+        raise ConfigError(f"provenance fingerprint {recorded[:12]} does not match its own settings "
+                          f"({config.fingerprint[:12]}): the version's attributes were edited or damaged")
+    return config
+
+
+def _digest(identity: str) -> str:
+    # "file:sha256:<hex>" and "imagenet:sha256:<hex>" name the same bytes when the hex agrees.
+    return identity.rsplit(":", 1)[-1] if ":sha256:" in identity else identity
+
+
+def verified_weights(config: ExtractorConfig, weights) -> ResolvedWeights:
+    """Resolve ``weights`` ("imagenet", a path, or None) and check they are the ones ``config`` names.
+
+    Raises :class:`WeightsError` when the file's sha256 differs from the recorded identity, because
+    other weights give other features and every prediction would silently be wrong.
+    """
+    resolved = resolve_weights(backbone_spec(config.backbone), weights)
+    if _digest(resolved.identity) != _digest(config.weights):
+        raise WeightsError(
+            f"weights {resolved.path or weights!r} ({resolved.identity}) are not the weights these features were "
+            f"made with ({config.weights}). Pass the original file, e.g. "
+            f"pipeline.set_params(features__weights='/path/to/original.h5')"
+        )
+    return ResolvedWeights(resolved.kind, resolved.path, config.weights)
 
 
 def _build_feature_model(config: ExtractorConfig, weights: ResolvedWeights):

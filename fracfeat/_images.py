@@ -157,10 +157,31 @@ def _decode(data: bytes, size: int, allow_truncated: bool):
             with _truncated_flag_lock.shared():
                 img.load()
         img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return _rgb_square(img, size)
+
+
+def _rgb_square(img, size: int) -> np.ndarray:
+    from PIL import Image
+
+    img = _to_rgb(img)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def pixels_from_array(image: np.ndarray, size: int) -> np.ndarray:
+    """An in-memory uint8 image (h, w), (h, w, 1), (h, w, 3) or (h, w, 4) -> (size, size, 3), as files are."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        raise ValueError(f"an image array must be uint8 of shape (h, w), (h, w, 3) or (h, w, 4); "
+                         f"got {arr.dtype} {arr.shape}")
+    if arr.shape[:2] == (size, size) and arr.ndim == 3 and arr.shape[-1] == 3:
+        return arr
+    return _rgb_square(Image.fromarray(arr), size)
 
 
 def _is_truncation(exc: Exception) -> bool:

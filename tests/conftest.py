@@ -73,3 +73,16 @@ def subprocess_env() -> dict:
 @pytest.fixture()
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tmp_path_factory, fracatlas):
+    """A labeled FeatureSet of 48 real radiographs (24 per class, with their near-duplicate groups),
+    extracted with TINY settings into a session store (``fs.store``). For fit/evaluate tests."""
+    from fracfeat import extract
+
+    rows = [r for r in manifest_rows() if r["use"] == "1"]
+    picked = [r for r in rows if r["label"] == "fractured"][:24] + [r for r in rows if r["label"] == "not_fractured"][:24]
+    store = tmp_path_factory.mktemp("tiny-features") / "store"
+    return extract([fracatlas / r["path"] for r in picked], labels=[r["label"] for r in picked],
+                   groups=[r["group"] for r in picked], store=store, **TINY)

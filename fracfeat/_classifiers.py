@@ -1,0 +1,122 @@
+"""Search spaces: one small function per classifier family.
+
+Each function takes an Optuna trial (or a ``FixedTrial`` holding the best parameters) and returns the
+three steps every fracfeat Pipeline has after its ``features`` step, always under the same names, so
+``pipeline[1:]`` looks alike whatever the family::
+
+    ("scale", StandardScaler | "passthrough"), ("reduce", PCA | "passthrough"), ("classifier", ...)
+
+Parameter names carry the family as a prefix (``logreg_C``, ``svm_C``...), so "auto" can search all
+families in one study without two families sharing one name and distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._errors import ConfigError
+
+# PCA keeping this fraction of the variance; 1.0 means no PCA. Deep features are wide (512-2048)
+# and correlated, so a linear model or an RBF kernel often does as well or better on fewer components.
+PCA_VARIANCE = (0.9, 0.95, 0.99, 1.0)
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What a search space needs to know of the data and the run."""
+
+    seed: int = 0
+    n_positive: int = 1
+    n_negative: int = 1
+    n_threads: int | None = None
+    final: bool = False  # building the model to keep (SVC then computes probabilities)
+
+    @property
+    def negative_to_positive(self) -> float:
+        return self.n_negative / max(self.n_positive, 1)
+
+
+def _scaled_and_reduced(trial, prefix: str, ctx: SearchContext) -> list:
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    variance = trial.suggest_categorical(f"{prefix}_pca_variance", PCA_VARIANCE)
+    reduce = "passthrough" if variance >= 1.0 else PCA(n_components=variance, svd_solver="full", random_state=ctx.seed)
+    return [("scale", StandardScaler()), ("reduce", reduce)]
+
+
+def _class_weight(trial, prefix: str):
+    # About 18% of FracAtlas is fractured: "balanced" weighs each class by its inverse frequency.
+    return {"balanced": "balanced", "none": None}[trial.suggest_categorical(f"{prefix}_class_weight", ("balanced", "none"))]
+
+
+def logreg_steps(trial, ctx: SearchContext) -> list:
+    """Logistic regression: inverse regularization strength, class weights, optional PCA."""
+    from sklearn.linear_model import LogisticRegression
+
+    steps = _scaled_and_reduced(trial, "logreg", ctx)
+    clf = LogisticRegression(
+        C=trial.suggest_float("logreg_C", 1e-4, 1e2, log=True),
+        class_weight=_class_weight(trial, "logreg"),
+        max_iter=2000,
+        random_state=ctx.seed,
+    )
+    return steps + [("classifier", clf)]
+
+
+def svm_steps(trial, ctx: SearchContext) -> list:
+    """SVC: kernel, C and (RBF) gamma, class weights, optional PCA; probabilities in the final model."""
+    from sklearn.svm import SVC
+
+    steps = _scaled_and_reduced(trial, "svm", ctx)
+    kernel = trial.suggest_categorical("svm_kernel", ("rbf", "linear"))
+    C = trial.suggest_float("svm_C", 1e-2, 1e2, log=True)
+    # On standardized inputs "scale" is 1/n_features (about 2e-3 for 512 VGG16 features): search around it.
+    gamma = trial.suggest_float("svm_gamma", 1e-5, 1e-1, log=True) if kernel == "rbf" else "scale"
+    clf = SVC(
+        kernel=kernel, C=C, gamma=gamma, class_weight=_class_weight(trial, "svm"),
+        # Tuning scores with decision_function; Platt scaling (5 internal fits) only for the kept model.
+        probability=ctx.final, cache_size=500, random_state=ctx.seed,
+    )
+    return steps + [("classifier", clf)]
+
+
+def xgboost_steps(trial, ctx: SearchContext) -> list:
+    """XGBoost: trees, depth, learning rate, subsampling, regularization, scale_pos_weight."""
+    from ._deps import require
+
+    xgb = require("xgboost", why='classifier="xgboost"')
+    balance = trial.suggest_categorical("xgb_scale_pos_weight", ("balanced", "none"))
+    clf = xgb.XGBClassifier(
+        n_estimators=trial.suggest_int("xgb_n_estimators", 50, 500, step=50),
+        max_depth=trial.suggest_int("xgb_max_depth", 2, 8),
+        learning_rate=trial.suggest_float("xgb_learning_rate", 0.01, 0.3, log=True),
+        subsample=trial.suggest_float("xgb_subsample", 0.5, 1.0),
+        colsample_bytree=trial.suggest_float("xgb_colsample_bytree", 0.2, 1.0),
+        min_child_weight=trial.suggest_float("xgb_min_child_weight", 1.0, 20.0, log=True),
+        reg_lambda=trial.suggest_float("xgb_reg_lambda", 1e-3, 10.0, log=True),
+        scale_pos_weight=ctx.negative_to_positive if balance == "balanced" else 1.0,
+        tree_method="hist",
+        eval_metric="logloss",
+        n_jobs=ctx.n_threads,
+        random_state=ctx.seed,
+    )
+    # Trees need neither scaling nor PCA.
+    return [("scale", "passthrough"), ("reduce", "passthrough"), ("classifier", clf)]
+
+
+FAMILIES = {"logreg": logreg_steps, "svm": svm_steps, "xgboost": xgboost_steps}
+CLASSIFIERS = (*FAMILIES, "auto")
+
+
+def check_classifier(classifier: str) -> str:
+    name = str(classifier).lower()
+    if name not in CLASSIFIERS:
+        raise ConfigError(f"classifier={classifier!r}: choose one of {', '.join(CLASSIFIERS)}")
+    return name
+
+
+def suggest_steps(trial, classifier: str, ctx: SearchContext) -> tuple[str, list]:
+    """The family and steps of one trial; "auto" first picks the family."""
+    family = trial.suggest_categorical("classifier", tuple(FAMILIES)) if classifier == "auto" else classifier
+    return family, FAMILIES[family](trial, ctx)

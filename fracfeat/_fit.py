@@ -1,0 +1,415 @@
+"""fit(): an Optuna study over (grouped) cross-validation folds -> a fitted scikit-learn Pipeline.
+
+fit knows feature sets, not images: the Pipeline's first step (:class:`DeepFeatures`) is rebuilt from
+the store version's provenance, so the kept model predicts from image paths with the same extractor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._classifiers import SearchContext, check_classifier, suggest_steps
+from ._errors import ConfigError
+from ._featureset import FeatureSet
+
+log = logging.getLogger("fracfeat")
+
+THRESHOLD_GOALS = ("balanced_accuracy", "sensitivity")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes
+    ----------
+    pipeline : sklearn.pipeline.Pipeline
+        Fitted: ``features`` (DeepFeatures, image paths in) -> ``scale`` -> ``reduce`` -> ``classifier``.
+        ``pipeline[1:]`` takes feature arrays. Save it with ``joblib.dump``.
+    study : optuna.Study
+    best_params : dict
+        The best trial's parameters (names prefixed by family, e.g. ``logreg_C``).
+    cv_score : float
+        Mean cross-validated ``scoring`` of the best trial, on the tuning rows.
+    classifier : str
+        Family of the best trial ("logreg", "svm", "xgboost").
+    scoring : str
+    scores : dict
+        ``{"cv": cv_score, "val": ..., "test": ...}``: held-out splits are scored once, after tuning.
+    threshold : float or None
+        Decision threshold on P(fractured) kept inside the Pipeline, when one was asked for.
+    n_train : int
+        Rows the kept model was trained on.
+    cv_folds : int
+    grouped : bool
+        True when folds kept each group on one side (StratifiedGroupKFold).
+    trials : dict
+        Counts of complete, pruned and failed trials in the study.
+    store, version, fingerprint :
+        The store version the model was trained on.
+    seconds : float
+        Wall time of this call.
+    """
+
+    pipeline: object
+    study: object
+    best_params: dict
+    cv_score: float
+    classifier: str
+    scoring: str
+    scores: dict
+    threshold: float | None
+    n_train: int
+    cv_folds: int
+    grouped: bool
+    trials: dict
+    store: str | None = None
+    version: int | None = None
+    fingerprint: str | None = None
+    seconds: float = 0.0
+    fold_scores: list = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        held = ", ".join(f"{k}={v:.4f}" for k, v in self.scores.items() if k != "cv" and v is not None)
+        return (f"FitResult({self.classifier}, cv {self.scoring}={self.cv_score:.4f}"
+                f"{', ' + held if held else ''}, trials={self.trials}, version={self.version})")
+
+    def save(self, path) -> str:
+        """``joblib.dump`` the pipeline to ``path``; returns the path."""
+        import joblib
+
+        joblib.dump(self.pipeline, path)
+        return str(path)
+
+
+def as_feature_set(features, version="latest") -> FeatureSet:
+    """A FeatureSet from a FeatureSet, a FeatureStore, or a store directory."""
+    from ._store import FeatureStore
+
+    if isinstance(features, FeatureSet):
+        return features
+    if isinstance(features, FeatureStore):
+        return features.open(version)
+    if isinstance(features, (str, bytes)) or hasattr(features, "__fspath__"):
+        return FeatureStore(features).open(version)
+    raise ConfigError(f"features must be a FeatureSet (from extract), a FeatureStore or a store directory, "
+                      f"not {type(features).__name__}")
+
+
+def make_folds(fs: FeatureSet, cv, seed: int) -> tuple[list, bool]:
+    """Cross-validation folds as index pairs, computed once so every trial sees the same ones."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    grouped = fs.has_groups
+    groups = fs.groups if grouped else None
+    if isinstance(cv, (int, np.integer)):
+        if cv < 2:
+            raise ConfigError(f"cv={cv}: give at least 2 folds")
+        smallest = int(np.bincount(fs.y, minlength=2).min())
+        if smallest < cv:
+            raise ConfigError(f"cv={cv} folds need at least {cv} images of each class; the smaller class has "
+                              f"{smallest}. Lower cv or add images.")
+        if grouped and len(set(groups)) < cv:
+            raise ConfigError(f"cv={cv} folds need at least {cv} groups; the feature set has {len(set(groups))}")
+        splitter = (StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed) if grouped
+                    else StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed))
+    elif hasattr(cv, "split"):
+        splitter = cv
+    else:
+        raise ConfigError(f"cv={cv!r}: give a number of folds or a scikit-learn splitter")
+    folds = [(np.asarray(tr), np.asarray(va)) for tr, va in splitter.split(fs.X, fs.y, groups)]
+    for k, (_, va) in enumerate(folds):
+        if len(np.unique(fs.y[va])) < 2:
+            raise ConfigError(f"fold {k} holds one class only; lower cv so every fold sees both classes")
+    return folds, grouped
+
+
+def choose_threshold(y: np.ndarray, proba: np.ndarray, goal) -> float:
+    """A threshold on P(fractured) from out-of-fold probabilities.
+
+    ``"balanced_accuracy"`` maximizes balanced accuracy; ``("sensitivity", 0.9)`` (or ``{"sensitivity": 0.9}``,
+    or ``"sensitivity:0.9"``) takes the highest threshold whose sensitivity reaches 0.9, which keeps
+    specificity as high as the target allows.
+    """
+    name, target = parse_threshold(goal)
+    candidates = np.unique(proba)
+    pos, neg = y == 1, y == 0
+    # Predict positive when proba >= t (FixedThresholdClassifier's rule).
+    sens = np.array([(proba[pos] >= t).mean() for t in candidates])
+    spec = np.array([(proba[neg] < t).mean() for t in candidates])
+    if name == "balanced_accuracy":
+        return float(candidates[int(np.argmax((sens + spec) / 2))])
+    reaching = np.flatnonzero(sens >= target)
+    return float(candidates[reaching.max()]) if len(reaching) else float(candidates.min())
+
+
+def parse_threshold(goal) -> tuple[str, float | None]:
+    if isinstance(goal, str) and ":" in goal:
+        name, value = goal.split(":", 1)
+        goal = (name, value)
+    if isinstance(goal, dict) and len(goal) == 1:
+        goal = next(iter(goal.items()))
+    if goal == "balanced_accuracy":
+        return "balanced_accuracy", None
+    if isinstance(goal, tuple) and len(goal) == 2 and goal[0] == "sensitivity":
+        try:
+            target = float(goal[1])
+        except ValueError:
+            target = -1.0
+        if 0.0 < target <= 1.0:
+            return "sensitivity", target
+    raise ConfigError(f"threshold={goal!r}: give None, 'balanced_accuracy', or a target sensitivity such as "
+                      f"'sensitivity:0.9' or {{'sensitivity': 0.9}}")
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def _make_study(study, storage, study_name, sampler, pruner, seed, tag: dict):
+    import optuna
+
+    if study is not None:
+        if storage is not None or study_name is not None:
+            raise ConfigError("pass either study= or storage=/study_name=, not both")
+        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+            raise ConfigError("study= must maximize (fit maximizes the score)")
+    else:
+        if pruner is True:
+            # Compare a trial's running mean after each fold with earlier trials' at the same fold.
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+        elif pruner in (False, None):
+            pruner = optuna.pruners.NopPruner()
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, load_if_exists=True, direction="maximize",
+            sampler=sampler if sampler is not None else optuna.samplers.TPESampler(seed=seed), pruner=pruner,
+        )
+    recorded = study.user_attrs.get("fracfeat")
+    if recorded is None:
+        study.set_user_attr("fracfeat", tag)
+    elif recorded != tag:
+        diff = {k: (recorded.get(k), tag.get(k)) for k in tag if recorded.get(k) != tag.get(k)}
+        raise ConfigError(f"study {study.study_name!r} was run on other data or settings ({diff}, as "
+                          f"(study, now)); resume it with the same ones, or give a new study_name")
+    return study
+
+
+def fit(
+    features,
+    *,
+    classifier: str = "logreg",
+    n_trials: int = 50,
+    timeout: float | None = None,
+    cv=5,
+    scoring="roc_auc",
+    seed: int = 0,
+    storage=None,
+    study_name: str | None = None,
+    n_jobs: int = 1,
+    study=None,
+    sampler=None,
+    pruner=True,
+    threshold=None,
+    version="latest",
+    weights=None,
+    n_threads: int | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Tune a classifier on deep features with Optuna and return a fitted Pipeline that reads images.
+
+    Parameters
+    ----------
+    features : FeatureSet, FeatureStore or store directory
+        Labeled feature rows (from :func:`extract` or a store version). Unlabeled rows are ignored.
+        When rows carry train/val/test splits, tuning and the kept model see the train rows only;
+        val and test are scored once at the end.
+    classifier : {"logreg", "svm", "xgboost", "auto"}
+        "auto" searches the three families in one study.
+    n_trials : int
+        Trials the study should hold when this call ends (complete + pruned). Resuming a stored
+        study with the same ``n_trials`` runs only the trials still missing.
+    timeout : float, optional
+        Stop starting trials after this many seconds.
+    cv : int or scikit-learn splitter
+        Folds; an int gives StratifiedGroupKFold when every row has a group (near-duplicate images
+        never straddle folds), else StratifiedKFold, both shuffled with ``seed``.
+    scoring : str or callable
+        A scikit-learn scorer name or scorer; maximized.
+    seed : int
+        Seeds the sampler, the folds and the classifiers: same seed and data, same result (n_jobs=1).
+    storage : str or optuna storage, optional
+        Any Optuna storage URL, e.g. ``"sqlite:///study.db"`` or a PostgreSQL URL; with ``study_name``
+        an existing study is resumed.
+    study_name : str, optional
+    n_jobs : int
+        Trials run in parallel threads (results then depend on timing).
+    study : optuna.Study, optional
+        Your own study (must maximize); ``storage``/``study_name``/``sampler``/``pruner`` then do not apply.
+    sampler : optuna sampler, optional
+        Default: ``TPESampler(seed=seed)``.
+    pruner : bool or optuna pruner
+        True: MedianPruner on the running mean after each fold; False: no pruning.
+    threshold : None, "balanced_accuracy", or a target sensitivity ("sensitivity:0.9")
+        Choose the decision threshold on out-of-fold probabilities of the training folds and keep it in
+        the Pipeline (a FixedThresholdClassifier wraps the classifier).
+    version : int or "latest"
+        Store version, when ``features`` is a store.
+    weights : path, optional
+        Where the backbone weights are now, if they moved since extraction (verified by sha256).
+    n_threads : int, optional
+        Threads per XGBoost fit.
+    progress : bool
+        Show Optuna's progress bar.
+
+    Returns
+    -------
+    FitResult
+        ``.pipeline``, ``.study``, ``.best_params``, ``.cv_score``, ``.scores``, ``.version``...
+
+    Examples
+    --------
+    >>> from fracfeat import extract, fit
+    >>> fs = extract("data/fracatlas", store="fracfeat-store")       # doctest: +SKIP
+    >>> result = fit(fs, classifier="auto", n_trials=50)              # doctest: +SKIP
+    >>> result.pipeline.predict_proba(["new_radiograph.jpg"])         # doctest: +SKIP
+    """
+    from ._deps import require
+
+    optuna = require("optuna", why="fit")
+    from sklearn.base import clone
+    from sklearn.metrics import get_scorer
+    from sklearn.pipeline import Pipeline
+
+    t_start = time.perf_counter()
+    classifier = check_classifier(classifier)
+    if not isinstance(n_trials, (int, np.integer)) or n_trials < 1:
+        raise ConfigError(f"n_trials={n_trials!r}: give a positive integer")
+    if threshold is not None:
+        parse_threshold(threshold)
+    scorer = get_scorer(scoring)
+    fs = as_feature_set(features, version)
+    data = fs.labeled()
+    if data.y is None or len(np.unique(data.y)) < 2:
+        raise ConfigError(f"fit needs labeled images of both classes; {fs!r} has "
+                          f"{'none labeled' if data.y is None or not len(data) else 'one class only'}")
+    held_out = {}
+    if "train" in data.split_names:
+        held_out = {s: data.split(s) for s in ("val", "test") if s in data.split_names}
+        data = data.split("train")
+    folds, grouped = make_folds(data, cv, seed)
+    X, y = np.asarray(data.X, dtype=np.float32), np.asarray(data.y)
+    ctx = SearchContext(seed=seed, n_positive=int((y == 1).sum()), n_negative=int((y == 0).sum()), n_threads=n_threads)
+
+    tag = {"classifier": classifier, "scoring": str(scoring), "seed": int(seed), "fingerprint": fs.fingerprint,
+           "n_rows": int(len(y)), "n_positive": ctx.n_positive, "cv": len(folds) if isinstance(cv, int) else repr(cv),
+           "grouped": grouped, "rows_sha256": _rows_digest(data)}
+
+    def objective(trial):
+        family, steps = suggest_steps(trial, classifier, ctx)
+        model = Pipeline(steps)
+        scores = []
+        for k, (tr, va) in enumerate(folds):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence warnings of poor trials: the score says it
+                fitted = clone(model).fit(X[tr], y[tr])
+                scores.append(float(scorer(fitted, X[va], y[va])))
+            trial.report(float(np.mean(scores)), k)
+            if k < len(folds) - 1 and trial.should_prune():
+                trial.set_user_attr("fold_scores", scores)
+                raise optuna.TrialPruned()
+        trial.set_user_attr("fold_scores", scores)
+        trial.set_user_attr("family", family)
+        return float(np.mean(scores))
+
+    with _quiet_optuna():
+        study = _make_study(study, storage, study_name, sampler, pruner, seed, tag)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining, timeout=timeout, n_jobs=n_jobs,
+                           show_progress_bar=progress)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise ConfigError(f"no trial of study {study.study_name!r} completed (timeout={timeout}); "
+                          f"give more time or trials")
+    best = study.best_trial
+    family, steps = suggest_steps(optuna.trial.FixedTrial(best.params), classifier,
+                                  SearchContext(**{**ctx.__dict__, "final": True}))
+    head = Pipeline(steps)
+
+    chosen = None
+    if threshold is not None:
+        chosen = _threshold_from_folds(head, X, y, folds, threshold)
+        from sklearn.model_selection import FixedThresholdClassifier
+
+        name, clf = head.steps[-1]
+        head.steps[-1] = (name, FixedThresholdClassifier(clf, threshold=chosen, response_method="predict_proba"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        head.fit(X, y)
+
+    scores = {"cv": float(best.value)}
+    for split, hs in held_out.items():
+        scores[split] = float(scorer(head, hs.X, hs.y)) if len(np.unique(hs.y)) == 2 else None
+
+    pipeline = _with_feature_step(head, fs, weights)
+    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+              for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)}
+    result = FitResult(
+        pipeline=pipeline, study=study, best_params=dict(best.params), cv_score=float(best.value), classifier=family,
+        scoring=str(scoring), scores=scores, threshold=chosen, n_train=int(len(y)), cv_folds=len(folds),
+        grouped=grouped, trials=counts, store=fs.store, version=fs.version, fingerprint=fs.fingerprint,
+        seconds=round(time.perf_counter() - t_start, 3), fold_scores=list(best.user_attrs.get("fold_scores", [])),
+    )
+    log.info("%r", result)
+    return result
+
+
+def _rows_digest(fs: FeatureSet) -> str:
+    """Identity of the tuning rows, so a resumed study is not fed other data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for values in (fs.ids, fs.y, fs.groups):
+        h.update("\x1f".join(map(str, values)).encode())
+    return h.hexdigest()
+
+
+def _threshold_from_folds(head, X, y, folds, goal) -> float:
+    from sklearn.base import clone
+
+    proba = np.empty(len(y), dtype=np.float64)
+    for tr, va in folds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proba[va] = clone(head).fit(X[tr], y[tr]).predict_proba(X[va])[:, 1]
+    return choose_threshold(y, proba, goal)
+
+
+def _with_feature_step(head, fs: FeatureSet, weights):
+    """[DeepFeatures] + head, when the features come from a store version (they say how they were made)."""
+    from sklearn.pipeline import Pipeline
+
+    from ._transformer import DeepFeatures
+
+    if not fs.provenance.get("backbone"):
+        warnings.warn("the feature set carries no extractor provenance: the Pipeline takes feature arrays, "
+                      "not image paths", stacklevel=3)
+        return head
+    deep = DeepFeatures.from_provenance(fs.provenance, weights=weights)
+    deep.trained_on_ = {"store": fs.store, "version": fs.version, "fingerprint": fs.fingerprint}
+    return Pipeline([("features", deep), *head.steps])

@@ -1,0 +1,176 @@
+"""evaluate(): the metrics that matter on imbalanced radiographs, per split, under stable keys."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ._errors import ConfigError, SourceError
+from ._featureset import FeatureSet
+
+# Keys of every per-split metrics dict, in this order; scripts may rely on them.
+METRIC_KEYS = (
+    "n", "n_positive", "n_negative", "n_failed",
+    "accuracy", "balanced_accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
+    "roc_auc", "pr_auc", "cohen_kappa", "confusion_matrix", "classification_report",
+)
+
+
+def _pipeline_of(model):
+    if isinstance(model, (str, os.PathLike)):
+        import joblib
+
+        model = joblib.load(model)
+    return getattr(model, "pipeline", model)  # a FitResult or the Pipeline itself
+
+
+def _split_feature_step(model):
+    """(DeepFeatures or None, the part that takes feature arrays)."""
+    from ._transformer import DeepFeatures
+
+    steps = getattr(model, "steps", None)
+    if steps and isinstance(steps[0][1], DeepFeatures):
+        return steps[0][1], model[1:]
+    return None, model
+
+
+def binary_metrics(y_true, y_pred, score, class_names=("not_fractured", "fractured")) -> dict:
+    """Every metric of :data:`METRIC_KEYS` for one set of rows (1 = fractured is the positive class).
+
+    Undefined values (ROC AUC of a one-class set, precision with no positive prediction) are None.
+    ``confusion_matrix`` is ``[[tn, fp], [fn, tp]]``: rows are the true class (0, 1), columns the predicted.
+    """
+    from sklearn import metrics as m
+
+    y_true, y_pred, score = np.asarray(y_true), np.asarray(y_pred), np.asarray(score, dtype=np.float64)
+    tn, fp, fn, tp = (int(v) for v in m.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel())
+    both = len(np.unique(y_true)) == 2
+
+    def ratio(a, b):
+        return a / b if b else None
+
+    sensitivity, specificity = ratio(tp, tp + fn), ratio(tn, tn + fp)
+    precision = ratio(tp, tp + fp)
+    f1 = ratio(2 * tp, 2 * tp + fp + fn)
+    n = len(y_true)
+    out = {
+        "n": int(n), "n_positive": int((y_true == 1).sum()), "n_negative": int((y_true == 0).sum()), "n_failed": 0,
+        "accuracy": ratio(tp + tn, n),
+        "balanced_accuracy": (sensitivity + specificity) / 2 if both else None,
+        "precision": precision, "recall": sensitivity, "sensitivity": sensitivity, "specificity": specificity,
+        "f1": f1,
+        "roc_auc": float(m.roc_auc_score(y_true, score)) if both else None,
+        "pr_auc": float(m.average_precision_score(y_true, score)) if both else None,
+        "cohen_kappa": _kappa(y_true, y_pred),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "classification_report": m.classification_report(
+            y_true, y_pred, labels=[0, 1], target_names=list(class_names), output_dict=True, zero_division=0),
+    }
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}
+
+
+def _kappa(y_true, y_pred):
+    from sklearn.metrics import cohen_kappa_score
+
+    if len(np.unique(np.concatenate([y_true, y_pred]))) < 2:
+        return None  # both raters used one class: kappa is 0/0
+    return float(cohen_kappa_score(y_true, y_pred))
+
+
+def _scores(head, X):
+    proba = head.predict_proba(X)[:, 1]
+    return head.predict(X), proba
+
+
+def evaluate(model, features_or_source, *, split=None, version="latest") -> dict:
+    """Score a fitted model on labeled images or feature rows, per split.
+
+    Parameters
+    ----------
+    model : Pipeline, FitResult, or path to a joblib file
+        A Pipeline from :func:`fit` (image paths in), or any fitted classifier of feature arrays with
+        ``predict_proba``.
+    features_or_source : FeatureSet, FeatureStore, store directory, or image source
+        Feature rows (they must come from the model's extractor: same fingerprint), or any source
+        ``extract`` takes (class folders, split folders, CSV manifest) whose images the Pipeline reads.
+        Unlabeled rows are left out.
+    split : str, optional
+        Only this split ("train", "val", "test", or "all" for a source without splits): returns its
+        metrics dict directly.
+    version : int or "latest"
+        Store version, when ``features_or_source`` is a store.
+
+    Returns
+    -------
+    dict
+        ``{split: metrics}`` with one entry per split of the source ("all" when it has none); each
+        metrics dict has the keys of :data:`METRIC_KEYS`: ``accuracy``, ``balanced_accuracy``,
+        ``precision``, ``recall`` (= ``sensitivity``), ``specificity``, ``f1``, ``roc_auc``, ``pr_auc``,
+        ``cohen_kappa``, ``confusion_matrix`` (``[[tn, fp], [fn, tp]]``), ``classification_report``, and
+        the counts ``n``, ``n_positive``, ``n_negative``, ``n_failed`` (images that could not be read).
+
+    Examples
+    --------
+    >>> from fracfeat import evaluate
+    >>> report = evaluate("model.joblib", "data/fracatlas_splits")   # doctest: +SKIP
+    >>> report["test"]["roc_auc"], report["test"]["sensitivity"]     # doctest: +SKIP
+    """
+    from ._store import FeatureStore
+
+    pipeline = _pipeline_of(model)
+    deep, head = _split_feature_step(pipeline)
+    data = features_or_source
+    if isinstance(data, FeatureStore) or (isinstance(data, (str, os.PathLike)) and FeatureStore(data).exists()):
+        store = data if isinstance(data, FeatureStore) else FeatureStore(data)
+        data = store.open(version)
+
+    if isinstance(data, FeatureSet):
+        rows = data.labeled()
+        if rows.y is None or not len(rows):
+            raise ConfigError(f"{data!r} has no labeled rows to evaluate on")
+        if deep is not None and rows.fingerprint and rows.fingerprint != deep.fingerprint_:
+            raise ConfigError(
+                f"the feature set was made by another extractor (fingerprint {rows.fingerprint[:12]}, "
+                f"{rows.provenance.get('backbone')} {rows.provenance.get('image_size')}px) than the model's "
+                f"({deep.fingerprint_[:12]}, {deep.config_.backbone} {deep.config_.image_size}px): evaluate on the "
+                f"images (a folder or CSV) instead, or on a store version made with the model's settings")
+        pred, score = _scores(head, rows.X)
+        y, splits, failed_splits = rows.y, rows.splits, np.array([], dtype=str)
+        classes = rows.classes
+    else:
+        if deep is None:
+            raise ConfigError("this model takes feature arrays: pass a FeatureSet or store, not images")
+        from ._featureset import classes_from_rows
+        from ._sources import UNLABELED, load_records
+
+        records, desc = load_records(data)
+        records = [r for r in records if r.label != UNLABELED]
+        if not records:
+            raise SourceError(f"{desc} holds no labeled images to evaluate on")
+        X, ok, failures = deep.features_of_paths([r.path for r in records], strict=False)
+        failed = np.array(sorted(i for i, _ in failures), dtype=np.int64)
+        all_splits = np.array([r.split for r in records])
+        failed_splits = all_splits[failed] if len(failed) else np.array([], dtype=str)
+        if not len(ok):
+            raise SourceError(f"none of the {len(records)} labeled images of {desc} could be read; "
+                              f"first: {records[failures[0][0]].path}: {failures[0][1]}")
+        pred, score = _scores(head, X)
+        y = np.array([records[i].label for i in ok])
+        splits = all_splits[ok]
+        classes = classes_from_rows(np.array([r.label for r in records]), np.array([r.class_name for r in records]))
+
+    names = [s for s in ("train", "val", "test") if s in set(splits)] + sorted(set(splits) - {"train", "val", "test", ""})
+    if not names or "" in set(splits):
+        names = names + ["all"] if names else ["all"]
+    report = {}
+    for name in names:
+        mask = np.ones(len(y), bool) if name == "all" else splits == name
+        metrics = binary_metrics(y[mask], pred[mask], score[mask], classes)
+        metrics["n_failed"] = int(len(failed_splits) if name == "all" else (failed_splits == name).sum())
+        report[name] = metrics
+    if split is not None:
+        if split not in report:
+            raise ConfigError(f"split={split!r}: the data has {list(report)}")
+        return report[split]
+    return report

@@ -1,0 +1,249 @@
+"""DeepFeatures: the scikit-learn transformer that turns image paths (or arrays) into store features.
+
+It runs the very code ``extract`` runs (:class:`fracfeat._engine.FeatureEngine`), so a classifier
+trained on store rows sees identical features at prediction time. The backbone is built lazily on
+first use and is never pickled: a saved Pipeline is the size of its classifier, and the weights file
+is checked against the recorded sha256 before the backbone is built.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from ._config import ExtractorConfig
+from ._errors import ConfigError
+
+
+class DeepFeatures(TransformerMixin, BaseEstimator):
+    """Image paths or uint8 images -> deep features of a pretrained Keras backbone.
+
+    Parameters
+    ----------
+    backbone : {"vgg16", "resnet50", "efficientnetb2"}
+    weights : "imagenet", path, or None
+        Keras' ImageNet weights, a Keras weights file of the no-top model, or None for seeded random
+        weights (tests).
+    image_size : int, optional
+        Square input size; the backbone's default when None.
+    pooling : {"avg", "max", "none"}
+    precision : {"auto", "float32", "bfloat16", "float16"}
+        A Pipeline made by :func:`fracfeat.fit` holds the precision its store version was made with,
+        never "auto", so its features equal the stored ones.
+    runtime : {"auto", "keras", "openvino"}
+    truncated : {"read", "reject"}
+        Truncated image files: decode what is there, or raise.
+    weights_identity : str, optional
+        The identity the weights must have (``"file:sha256:<hex>"``, ``"imagenet:sha256:<hex>"`` or
+        ``"random:he-normal:seed=0"``). When set, ``weights`` is verified against it on first use and
+        a mismatch raises :class:`fracfeat.WeightsError`; ``fit`` then does not read the weights file.
+    batch_size : int
+        Images per forward pass.
+    workers : int, optional
+        Decoding threads.
+
+    Attributes
+    ----------
+    config_ : ExtractorConfig
+        The resolved extractor settings (no "auto" left).
+    fingerprint_ : str
+        The extractor fingerprint; equal to the store version's when made by :meth:`from_provenance`.
+    trained_on_ : dict
+        Set by :func:`fracfeat.fit`: store, version and fingerprint of the training features.
+
+    Examples
+    --------
+    >>> from fracfeat import DeepFeatures
+    >>> deep = DeepFeatures("vgg16", weights="vgg16_notop.weights.h5")   # doctest: +SKIP
+    >>> X = deep.fit_transform(["a.jpg", "b.jpg"])                         # doctest: +SKIP
+    >>> X.shape                                                           # doctest: +SKIP
+    (2, 512)
+    """
+
+    def __init__(self, backbone="vgg16", weights="imagenet", image_size=None, pooling="avg", precision="auto",
+                 runtime="auto", truncated="read", weights_identity=None, batch_size=32, workers=None):
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.pooling = pooling
+        self.precision = precision
+        self.runtime = runtime
+        self.truncated = truncated
+        self.weights_identity = weights_identity
+        self.batch_size = batch_size
+        self.workers = workers
+
+    @classmethod
+    def from_provenance(cls, provenance: dict, weights=None, **params) -> "DeepFeatures":
+        """A fitted DeepFeatures that makes exactly the features of a store version.
+
+        Parameters
+        ----------
+        provenance : dict
+            ``FeatureSet.provenance`` or ``FeatureStore.provenance(version)``.
+        weights : "imagenet", path, or None
+            Where the weights are now; by default where the version recorded them.
+        **params
+            Other parameters (``batch_size``, ``workers``).
+        """
+        from ._engine import config_from_provenance
+
+        config = config_from_provenance(provenance)
+        if weights is None:
+            kind = provenance.get("weights_kind", "")
+            weights = {"random": None, "imagenet": provenance.get("weights_path") or "imagenet"}.get(
+                kind, provenance.get("weights_path") or None)
+        deep = cls(backbone=config.backbone, weights=weights, image_size=config.image_size, pooling=config.pooling,
+                   precision=config.precision, runtime=config.runtime, truncated=config.truncated,
+                   weights_identity=config.weights, **params)
+        deep.fit()
+        if deep.fingerprint_ != config.fingerprint:
+            raise ConfigError(
+                f"this fracfeat ({deep.config_.decode}, feature code v{deep.config_.feature_code_version}) would not "
+                f"reproduce the store's features ({config.decode}, feature code v{config.feature_code_version}); "
+                f"re-extract the images with this version of fracfeat"
+            )
+        return deep
+
+    # -- sklearn API ----------------------------------------------------------------------------
+    def fit(self, X=None, y=None):
+        """Resolve the extractor settings; no image is read and no backbone is built.
+
+        Parameters
+        ----------
+        X, y : ignored
+            Present for the scikit-learn API: the backbone is pretrained and learns nothing from data.
+
+        Returns
+        -------
+        self
+        """
+        from ._engine import choose_precision_and_runtime, resolve_extractor
+        from ._config import validate_settings
+
+        if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r}: give a positive integer")
+        if self.weights_identity is None:
+            config, _ = resolve_extractor(self.backbone, self.weights, self.image_size, self.pooling,
+                                          self.precision, self.runtime, self.truncated)
+        else:
+            spec, size, pool, prec, rt, tr = validate_settings(self.backbone, self.image_size, self.pooling,
+                                                               self.precision, self.runtime, self.truncated)
+            prec, rt = choose_precision_and_runtime(spec, prec, rt)
+            config = ExtractorConfig(backbone=spec.name, image_size=size, pooling=pool,
+                                     preprocessing=spec.preprocessing, weights=str(self.weights_identity),
+                                     precision=prec, runtime=rt, truncated=tr)
+        self.config_ = config
+        self.fingerprint_ = config.fingerprint
+        self._engine = None
+        return self
+
+    def transform(self, X):
+        """Features of each image.
+
+        Parameters
+        ----------
+        X : sequence of paths, or uint8 array of shape (n, h, w[, 3])
+            Image files (any format ``extract`` reads), or images already in memory.
+
+        Returns
+        -------
+        ndarray of shape (n, n_features), float32
+
+        Raises
+        ------
+        fracfeat.ImageError
+            A file cannot be read or decoded (a prediction needs every row).
+        fracfeat.WeightsError
+            The weights are not the ones the features were made with.
+        """
+        check_is_fitted(self, "config_")
+        kind, items = _as_images(X)
+        if kind == "paths":
+            feats, _, _ = self.features_of_paths(items, strict=True)
+            return feats
+        from ._images import pixels_from_array
+
+        size = self.config_.image_size
+        engine = self.engine()
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            batch = np.stack([pixels_from_array(im, size) for im in items[start:start + self.batch_size]])
+            out.append(engine.forward(batch))
+        return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+
+    def features_of_paths(self, paths, strict=False):
+        """Features of the readable files, their positions, and ``(position, reason)`` of the others.
+
+        Used by :func:`fracfeat.evaluate` to score a folder that holds a few damaged files.
+        """
+        check_is_fitted(self, "config_")
+        paths = [os.fspath(p) for p in paths]
+        engine = self.engine()
+        feats, idx, failures = [], [], []
+        for batch in engine.iter_features(paths, batch_size=self.batch_size, strict=strict, workers=self.workers):
+            failures.extend(batch.failures)
+            if len(batch.indices):
+                feats.append(batch.features)
+                idx.append(batch.indices)
+        if not feats:
+            return np.empty((0, 0), np.float32), np.empty(0, np.int64), failures
+        return np.concatenate(feats), np.concatenate(idx), failures
+
+    def engine(self):
+        """The feature engine, built (and its weights verified) on first use."""
+        check_is_fitted(self, "config_")
+        if getattr(self, "_engine", None) is None:
+            from ._engine import FeatureEngine, verified_weights
+
+            self._engine = FeatureEngine(self.config_, verified_weights(self.config_, self.weights))
+        return self._engine
+
+    def __getstate__(self):
+        # The Keras model stays out of the pickle; it is rebuilt (and re-verified) after loading.
+        state = dict(super().__getstate__())  # a copy: object.__getstate__ returns the live __dict__
+        state.pop("_engine", None)
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.input_tags.string = True
+        tags.requires_fit = True
+        tags.transformer_tags.preserves_dtype = []
+        tags.non_deterministic = False
+        return tags
+
+
+def _as_images(X):
+    """("paths", list of str) or ("arrays", uint8 array / list of arrays), or a clear error."""
+    if isinstance(X, (str, os.PathLike)):
+        raise ValueError(f"DeepFeatures expects a list of image paths, got a single path {os.fspath(X)!r}; "
+                         f"wrap it in a list: [{os.fspath(X)!r}]")
+    if isinstance(X, np.ndarray):
+        if X.dtype == np.uint8 and X.ndim in (3, 4):
+            if not len(X):
+                raise ValueError("DeepFeatures got no images (an empty array); give at least one image")
+            return "arrays", X
+        if X.dtype.kind in "UO" and (X.ndim == 1 or (X.ndim == 2 and X.shape[1] == 1)):
+            X = X.ravel().tolist()
+        else:
+            raise ValueError(
+                f"DeepFeatures expects image paths or uint8 images of shape (n, h, w[, 3]); got a {X.dtype} array of "
+                f"shape {X.shape}. To use feature arrays, call pipeline[1:] instead of the whole pipeline."
+            )
+    try:
+        items = list(X)
+    except TypeError:
+        raise ValueError(f"DeepFeatures expects a list of image paths, not {type(X).__name__}") from None
+    if not items:
+        raise ValueError("DeepFeatures got no images (an empty list); give at least one image path")
+    if all(isinstance(p, (str, os.PathLike)) for p in items):
+        return "paths", items
+    if all(isinstance(a, np.ndarray) and a.dtype == np.uint8 for a in items):
+        return "arrays", items
+    raise ValueError("DeepFeatures expects a list of image paths (str or pathlib.Path) or of uint8 image arrays")
