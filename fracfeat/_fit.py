@@ -227,6 +227,7 @@ def fit(
     version="latest",
     weights=None,
     n_threads: int | None = None,
+    callbacks=None,
     progress: bool = False,
 ) -> FitResult:
     """Tune a classifier on deep features with Optuna and return a fitted Pipeline that reads images.
@@ -272,8 +273,10 @@ def fit(
         Where the backbone weights are now, if they moved since extraction (verified by sha256).
     n_threads : int, optional
         Threads per XGBoost fit.
+    callbacks : list of callables, optional
+        Passed to :meth:`optuna.study.Study.optimize`; each is called as ``callback(study, trial)``.
     progress : bool
-        Show Optuna's progress bar.
+        Show a bar: trial n of N, best score so far, trials pruned.
 
     Returns
     -------
@@ -340,8 +343,11 @@ def fit(
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
         if remaining > 0:
-            study.optimize(objective, n_trials=remaining, timeout=timeout, n_jobs=n_jobs,
-                           show_progress_bar=progress)
+            from ._progress import TrialProgress
+
+            with TrialProgress(remaining, scoring=str(scoring), enabled=progress) as bar:
+                study.optimize(objective, n_trials=remaining, timeout=timeout, n_jobs=n_jobs,
+                               callbacks=[*(callbacks or ()), bar])
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise ConfigError(f"no trial of study {study.study_name!r} completed (timeout={timeout}); "

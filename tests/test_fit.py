@@ -117,8 +117,9 @@ def test_user_study_and_sampler_are_used(tiny_features):
     import optuna
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
-    result = fit(tiny_features, study=study, **FAST)
-    assert result.study is study and len(study.trials) == 3
+    seen = []
+    result = fit(tiny_features, study=study, callbacks=[lambda s, t: seen.append(t.number)], **FAST)
+    assert result.study is study and len(study.trials) == 3 and seen == [0, 1, 2]
     sampler = optuna.samplers.RandomSampler(seed=2)
     assert fit(tiny_features, sampler=sampler, **FAST).study.sampler is sampler
     with pytest.raises(ConfigError, match="not both"):
