@@ -396,26 +396,36 @@ class FeatureEngine:
         out = self.runner(batch)
         return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)
 
-    def iter_decoded(self, paths: Sequence[str], workers: int | None = None, lookahead: int = 64) -> Iterator[tuple[int, DecodedImage]]:
-        """Decode files in a thread pool, yielding results in input order."""
+    def iter_decoded(self, paths: Sequence[str], workers: int | None = None, lookahead: int = 64,
+                     sha256s: Sequence[str] | None = None) -> Iterator[tuple[int, DecodedImage]]:
+        """Decode files in a thread pool, yielding results in input order.
+
+        ``sha256s``: the hash each file had when it was looked up in the cache; a file whose bytes
+        differ now is a failure (its features would otherwise be stored under the old hash).
+        """
         size, policy = self.config.image_size, self.config.truncated
         workers = workers or min(8, (os.cpu_count() or 1) + 1)
+
+        def submit(pool, i, p):
+            return pool.submit(load_image, p, size, policy, None if sha256s is None else sha256s[i])
+
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fracfeat-decode") as pool:
             pending: deque = deque()
             it = iter(enumerate(paths))
             for i, p in it:
-                pending.append((i, pool.submit(load_image, p, size, policy)))
+                pending.append((i, submit(pool, i, p)))
                 if len(pending) >= lookahead:
                     break
             while pending:
                 i, fut = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt[0], pool.submit(load_image, nxt[1], size, policy)))
+                    pending.append((nxt[0], submit(pool, *nxt)))
                 yield i, fut.result()
 
     def iter_features(
         self, paths: Sequence[str], batch_size: int = 32, strict: bool = False, workers: int | None = None,
+        sha256s: Sequence[str] | None = None,
     ) -> Iterator[FeatureBatch]:
         """Yield a :class:`FeatureBatch` per ``batch_size`` decoded images, in input order."""
         size = self.config.image_size
@@ -423,7 +433,7 @@ class FeatureEngine:
         idx: list[int] = []
         failures: list[tuple[int, str]] = []
         truncated: list[int] = []
-        for i, decoded in self.iter_decoded(paths, workers=workers, lookahead=max(2 * batch_size, 16)):
+        for i, decoded in self.iter_decoded(paths, workers=workers, lookahead=max(2 * batch_size, 16), sha256s=sha256s):
             if decoded.pixels is None:
                 if strict:
                     raise ImageError(f"{paths[i]}: {decoded.error} (strict=True stops at the first bad file; "

@@ -288,7 +288,8 @@ def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_co
 
     bar = tqdm(total=len(miss_paths), desc=f"extract {config.backbone}", unit="img", disable=not progress)
     try:
-        for batch in engine.iter_features(miss_paths, batch_size=batch_size, strict=strict, workers=workers):
+        for batch in engine.iter_features(miss_paths, batch_size=batch_size, strict=strict, workers=workers,
+                                          sha256s=miss_ids):
             pause_point("batch")
             for k, reason in batch.failures:
                 bad_content[miss_ids[k]] = reason

@@ -81,7 +81,8 @@ _truncated_flag_lock = _SharedExclusiveLock()
 # Every failure reason reads "<kind>: <details and fix>"; the kinds are few and stable, so a summary
 # can count failures per kind (FeatureSet.failure_summary) while the details name the exact problem.
 FAILURE_KINDS = ("empty file", "not an image", "too large", "truncated image", "cannot decode",
-                 "file not found", "permission denied", "not a regular file", "cannot read")
+                 "file not found", "permission denied", "not a regular file", "cannot read",
+                 "changed while extracting")
 
 
 def failure(kind: str, details: str) -> str:
@@ -242,9 +243,16 @@ def read_file(path: str) -> tuple[bytes | None, str | None]:
         os.close(fd)
 
 
-def load_image(path: str, size: int, truncated: str = "read") -> DecodedImage:
-    """Read and decode one file; see the module docstring for the decoding recipe."""
+def load_image(path: str, size: int, truncated: str = "read", expected_sha256: str | None = None) -> DecodedImage:
+    """Read and decode one file; see the module docstring for the decoding recipe.
+
+    With ``expected_sha256`` (the hash the row will be stored under), bytes that no longer match it
+    are refused: the file changed after it was hashed, and its features must not go under the old hash.
+    """
     data, error = read_file(path)
     if error is not None:
         return DecodedImage(None, error)
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        return DecodedImage(None, failure("changed while extracting",
+                                          "the file was rewritten after it was hashed; re-run extract"))
     return decode_bytes(data, size, truncated)

@@ -74,3 +74,54 @@ def test_foreign_directory_is_refused_as_store(tmp_path):
     with pytest.raises(StoreError, match="is not a fracfeat store; choose an empty or new directory"):
         extract([str(tmp_path / "photos" / "holiday.txt")], store=tmp_path / "photos", **SETTINGS)
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["holiday.txt"]  # left as it was
+
+
+def test_file_changed_after_hashing_is_not_stored_under_its_old_hash(fracatlas, tmp_path):
+    """Files are hashed before the writer lock is taken and decoded after: a file rewritten in between
+    (a sync or copy still running) must not put the new image's features under the old bytes' hash,
+    where every later run would reuse them."""
+    import logging
+    import shutil
+    import threading
+
+    images = clean_images(fracatlas, 4)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in images[:2]:
+        shutil.copy(p, folder)
+    changing = folder / "changing.jpg"
+    shutil.copy(images[3], changing)  # hashed as a copy of images[3] ...
+    store = FeatureStore(tmp_path / "store")
+
+    waiting = threading.Event()
+
+    class WaitSeen(logging.Handler):
+        def emit(self, record):
+            if "waiting" in record.getMessage():
+                waiting.set()
+
+    handler = WaitSeen()
+    logging.getLogger("fracfeat").addHandler(handler)
+    old_level = logging.getLogger("fracfeat").level
+    logging.getLogger("fracfeat").setLevel(logging.INFO)
+    result = {}
+    try:
+        with FeatureStore(store.root).write_lock():  # another writer holds the store
+            worker = threading.Thread(target=lambda: result.update(fs=extract(folder, store=store.root, **SETTINGS)))
+            worker.start()
+            assert waiting.wait(120), "extract never waited for the lock"
+            shutil.copy(images[2], changing)  # ... and rewritten before it is decoded
+        worker.join(300)
+    finally:
+        logging.getLogger("fracfeat").removeHandler(handler)
+        logging.getLogger("fracfeat").setLevel(old_level)
+    fs = result["fs"]
+    assert [f["path"] for f in fs.failures] == [str(changing)]
+    assert fs.failures[0]["reason"].startswith("changed while extracting: ")
+    # The bug this guards against: images[3]'s hash holding images[2]'s features.
+    assert extract([images[3]], store=store.root, **SETTINGS).provenance["n_computed"] == 1
+    # A clean re-run sees the new bytes under their own hash.
+    again = extract(folder, store=store.root, **SETTINGS)
+    assert not again.failures and len(again) == 3
+    ref = extract([images[2]], store=tmp_path / "ref", **SETTINGS)
+    np.testing.assert_array_equal(again.X[list(again.paths).index(str(changing))], ref.X[0])
