@@ -230,3 +230,20 @@ def test_store_location_that_is_not_a_store(tmp_path, real_images):
     with pytest.raises(StoreError, match="not a fracfeat store"):
         FeatureStore(tmp_path / "mydir").open()
     assert (tmp_path / "mydir" / "notes.txt").read_text() == "mine"
+
+
+def test_diff_with_exact_duplicates_counts_each_row(tmp_path, real_images):
+    """FracAtlas holds byte-identical copies: dropping one copy is a removal, not a move or nothing."""
+    img = tmp_path / "img"
+    img.mkdir()
+    shutil.copy(real_images["fractured"][0], img / "a.jpg")
+    shutil.copy(real_images["fractured"][0], img / "a_copy.jpg")
+    shutil.copy(real_images["fractured"][1], img / "b.jpg")
+    shutil.copy(real_images["fractured"][1], img / "b_copy.jpg")
+    store = tmp_path / "store"
+    extract([img / "a.jpg", img / "a_copy.jpg", img / "b.jpg"], store=store, **TINY)
+    extract([img / "a.jpg", img / "b.jpg", img / "b_copy.jpg"], store=store, **TINY)
+    d = FeatureStore(store).diff(1, 2)
+    assert d.removed == [str(img / "a_copy.jpg")]
+    assert d.added == [str(img / "b_copy.jpg")]
+    assert d.moved == [] and d.relabeled == []
