@@ -237,6 +237,25 @@ class RowWriter:
         self.tmp_path.unlink(missing_ok=True)
 
 
+def _match_rows(rows_a, rows_b, key) -> tuple[list, list, list]:
+    """Pair rows of ``a`` and ``b`` with equal ``key`` one to one, in path order.
+
+    Returns the pairs, the rows of ``a`` left unpaired, and the rows of ``b`` left unpaired.
+    """
+    by_key: dict = {}
+    for r in sorted(rows_b, key=lambda r: r[1]):
+        by_key.setdefault(key(r), []).append(r)
+    pairs, left_a = [], []
+    for r in sorted(rows_a, key=lambda r: r[1]):
+        candidates = by_key.get(key(r))
+        if candidates:
+            pairs.append((r, candidates.pop(0)))
+        else:
+            left_a.append(r)
+    left_b = [r for rs in by_key.values() for r in rs]
+    return pairs, left_a, left_b
+
+
 class FeatureStore:
     """A directory of immutable, versioned HDF5 feature files.
 
@@ -431,23 +450,28 @@ class FeatureStore:
             )
 
     def diff(self, a, b="latest") -> StoreDiff:
-        """What changed between versions ``a`` and ``b``, by image content hash."""
+        """What changed between versions ``a`` and ``b``, by image content hash.
+
+        Rows are matched one to one, so byte-identical copies (common in real archives) count
+        separately: the same content at the same path first, then the same content at another
+        path (moved); what is left was added or removed.
+        """
         na, nb = self.resolve(a), self.resolve(b)
-        tables = []
+        rows = []
         for n in (na, nb):
             with self._open_h5(n) as f:
-                tables.append(dict(zip(_as_str_array(f["ids"][:]),
-                                       zip(_as_str_array(f["paths"][:]), f["labels"][:].tolist()))))
-        ta, tb = tables
+                rows.append(list(zip(_as_str_array(f["ids"][:]), _as_str_array(f["paths"][:]),
+                                     f["labels"][:].tolist())))
+        # rows are (id, path, label)
+        same, left_a, left_b = _match_rows(*rows, key=lambda r: (r[0], r[1]))
+        moved, removed, added = _match_rows(left_a, left_b, key=lambda r: r[0])
         d = StoreDiff(na, nb)
-        d.added = sorted(tb[i][0] for i in tb.keys() - ta.keys())
-        d.removed = sorted(ta[i][0] for i in ta.keys() - tb.keys())
-        for i in sorted(ta.keys() & tb.keys(), key=lambda i: tb[i][0]):
-            (pa, la), (pb, lb) = ta[i], tb[i]
-            if la != lb:
-                d.relabeled.append((pb, la, lb))
-            if pa != pb:
-                d.moved.append((pa, pb))
+        d.relabeled = [(rb[1], ra[2], rb[2]) for ra, rb in same + moved if ra[2] != rb[2]]
+        d.moved = [(ra[1], rb[1]) for ra, rb in moved]
+        d.relabeled.sort()
+        d.moved.sort(key=lambda m: (m[1], m[0]))
+        d.removed = sorted(r[1] for r in removed)
+        d.added = sorted(r[1] for r in added)
         return d
 
     def verify(self, version=None) -> list[VerifyReport]:
