@@ -125,3 +125,22 @@ def test_file_changed_after_hashing_is_not_stored_under_its_old_hash(fracatlas, 
     assert not again.failures and len(again) == 3
     ref = extract([images[2]], store=tmp_path / "ref", **SETTINGS)
     np.testing.assert_array_equal(again.X[list(again.paths).index(str(changing))], ref.X[0])
+
+
+@pytest.mark.slow
+def test_two_writers_started_together_on_a_new_store(fracatlas, tmp_path):
+    """No hook: two real processes race to create and fill one new store; both succeed, nothing is corrupt."""
+    images = clean_images(fracatlas, 16)
+    root = tmp_path / "store"
+    children = [start_child(tmp_path / "children", name, images, root, lock_timeout=300) for name in ("x", "y")]
+    try:
+        results = [c.result() for c in children]
+    finally:
+        for c in children:
+            c.kill()
+    # One computed and committed v1; the other waited (or came second), found every row and the same
+    # content, and returned v1 rather than writing a copy.
+    assert [r["version"] for r in results] == [1, 1]
+    store = FeatureStore(root)
+    assert_only_complete_versions(store, [1])
+    assert len(store.open(1)) == 16

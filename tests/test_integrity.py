@@ -70,3 +70,14 @@ def test_verify_detects_one_flipped_byte_in_the_labels(clean_store, tmp_path):
     damaged = damaged_copy(clean_store, tmp_path, "labels", "middle")
     (report,) = damaged.verify()
     assert report.problems == ["dataset 'labels' does not match its checksum (damaged)"]
+
+
+def test_verify_reports_a_version_file_cut_short(clean_store, tmp_path):
+    root = tmp_path / "cut"
+    shutil.copytree(clean_store.root, root)
+    path = root / "versions" / "v000001.h5"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (report,) = FeatureStore(root).verify()
+    assert not report.ok and "cannot be opened as HDF5" in report.problems[0]
+    with pytest.raises(StoreError, match="cannot be opened as HDF5"):
+        FeatureStore(root).open("latest")
