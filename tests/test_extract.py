@@ -216,3 +216,26 @@ def test_bad_settings_fail_before_any_work(tmp_path, images):
         with pytest.raises(ConfigError):
             extract(images[:1], store=tmp_path / "store", **{**TINY, **bad})
     assert not (tmp_path / "store").exists()
+
+
+def test_png_and_jpeg_in_one_source(tmp_path, real_images):
+    """Radiographs saved as 8-bit and 16-bit grayscale PNG extract beside the original JPEGs."""
+    from PIL import Image
+
+    root = tmp_path / "dataset"
+    (root / "fractured").mkdir(parents=True)
+    (root / "not_fractured").mkdir()
+    jpeg = real_images["fractured"][0]
+    shutil.copy(jpeg, root / "fractured" / "a.jpg")
+    with Image.open(jpeg) as img:
+        gray = np.asarray(img.convert("L"))
+    Image.fromarray(gray).save(root / "fractured" / "b.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(root / "not_fractured" / "c16.png")
+
+    fs = extract(root, store=tmp_path / "store", **TINY)
+
+    assert fs.failures == []
+    assert [Path(p).name for p in fs.paths] == ["a.jpg", "b.png", "c16.png"]
+    assert list(fs.y) == [1, 1, 0]
+    # The same pixels as 8-bit or as 16-bit PNG give the same features.
+    np.testing.assert_allclose(fs.X[1], fs.X[2], rtol=1e-5, atol=1e-5)
