@@ -278,6 +278,27 @@ def _keras_to_openvino(ov, model):
     return ov.convert_model(fn.get_concrete_function())
 
 
+_CACHE_SUMS = "sha256.json"
+
+
+def _cache_sums(entry: Path) -> dict:
+    from ._images import sha256_of_file
+
+    return {name: sha256_of_file(str(entry / name)) for name in ("model.xml", "model.bin", "versions.json")}
+
+
+def _check_cache_entry(entry: Path) -> None:
+    """Raise unless the cached model files are byte for byte what was converted: a flipped bit in
+    model.bin still loads, and would put slightly wrong features into the store under the right
+    fingerprint."""
+    try:
+        expected = json.loads((entry / _CACHE_SUMS).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"no readable {_CACHE_SUMS}") from None
+    if expected != _cache_sums(entry):
+        raise ValueError("files do not match their sha256 (damaged)")
+
+
 class OpenVINORunner:
     """Runs the feature model compiled by OpenVINO for this CPU.
 
@@ -300,6 +321,7 @@ class OpenVINORunner:
         ov_model = None
         if xml.is_file():
             try:
+                _check_cache_entry(xml.parent)
                 ov_model = core.read_model(str(xml))
             except Exception as e:  # a damaged cache entry is rebuilt, never fatal
                 log.warning("ignoring unreadable OpenVINO cache %s (%s: %s)", xml.parent, type(e).__name__, e)
@@ -335,6 +357,7 @@ class OpenVINORunner:
             # compress_to_fp16=False: the cached weights must stay the exact float32 values.
             ov.save_model(ov_model, str(tmp / "model.xml"), compress_to_fp16=False)
             (tmp / "versions.json").write_text(json.dumps(versions))
+            (tmp / _CACHE_SUMS).write_text(json.dumps(_cache_sums(tmp)))
             try:
                 os.replace(tmp, root / key)  # atomic: a reader sees a whole entry or none
             except OSError:  # another process cached it first

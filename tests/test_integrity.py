@@ -81,3 +81,24 @@ def test_verify_reports_a_version_file_cut_short(clean_store, tmp_path):
     assert not report.ok and "cannot be opened as HDF5" in report.problems[0]
     with pytest.raises(StoreError, match="cannot be opened as HDF5"):
         FeatureStore(root).open("latest")
+
+
+@pytest.mark.slow
+def test_damaged_openvino_model_cache_is_rebuilt_not_used(fracatlas, tmp_path, monkeypatch, caplog):
+    """The converted model cached outside the store feeds every new row: a damaged weights file there
+    must be noticed and rebuilt, or wrong features enter the store under the right fingerprint."""
+    pytest.importorskip("openvino")
+    import numpy as np
+
+    monkeypatch.setenv("FRACFEAT_CACHE_DIR", str(tmp_path / "cache"))
+    images = clean_images(fracatlas, 4)
+    settings = dict(SETTINGS, runtime="openvino", precision="float32")
+    first = extract(images, store=tmp_path / "a", **settings)
+    (weights_bin,) = (tmp_path / "cache" / "openvino").glob("*/model.bin")
+    data = bytearray(weights_bin.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights_bin.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="fracfeat"):
+        again = extract(images, store=tmp_path / "b", **settings)
+    assert "ignoring unreadable OpenVINO cache" in caplog.text and "damaged" in caplog.text
+    np.testing.assert_array_equal(again.X, first.X)
