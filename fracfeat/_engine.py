@@ -342,9 +342,14 @@ class OpenVINORunner:
             log.info("converted %s to OpenVINO in %.1fs", config.backbone, time.perf_counter() - t)
             self._save(ov, ov_model, self._versions, root, key)
         self._versions = {**self._versions, "openvino_version": ov.__version__}
-        properties = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[config.precision], "PERFORMANCE_HINT": "LATENCY"}
+        # THROUGHPUT: one stream per few cores, each running its share of a batch single-threaded.
+        # Measured side by side on 2 cores, it beat LATENCY (all cores on one request) 2x for
+        # EfficientNetB2, whose depthwise convolutions split poorly across threads, and matched it
+        # for ResNet50/VGG16.
+        properties = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[config.precision], "PERFORMANCE_HINT": "THROUGHPUT"}
         self.compiled = core.compile_model(ov_model, "CPU", properties)
-        self._request = self.compiled.create_infer_request()
+        n_requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._requests = [self.compiled.create_infer_request() for _ in range(n_requests)]
 
     @staticmethod
     def _save(ov, ov_model, versions: dict, root: Path, key: str) -> None:
@@ -373,8 +378,19 @@ class OpenVINORunner:
         return dict(self._versions)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        # share_inputs: OpenVINO reads the batch buffer in place (the call is synchronous).
-        return self._request.infer({0: batch}, share_inputs=True)[0]
+        # The batch is split across the streams' requests, which run concurrently; share_inputs lets
+        # OpenVINO read the caller's buffer in place (safe: we wait for every request before returning).
+        bounds = np.linspace(0, len(batch), len(self._requests) + 1).astype(int)
+        running = []
+        for request, lo, hi in zip(self._requests, bounds[:-1], bounds[1:]):
+            if hi > lo:
+                request.start_async({0: batch[lo:hi]}, share_inputs=True)
+                running.append(request)
+        if not running:
+            return np.empty((0, self.n_features), np.float32)
+        for request in running:
+            request.wait()
+        return np.concatenate([request.get_output_tensor(0).data for request in running])
 
 
 @dataclass
