@@ -15,6 +15,7 @@ child process per size (``--rss 400,4000``), reading its VmHWM, to show memory s
 
     python benchmarks/extract_throughput.py                       # all three backbones, ~15 min on 2 cores
     python benchmarks/extract_throughput.py --backbones resnet50 --n 32 --repeats 2 --rss ""   # quick look
+    python benchmarks/extract_throughput.py --backbones "" --out benchmarks/results/extract_rss.json  # RSS only
 
 Writes ``benchmarks/results/extract_throughput.json`` (``--out``). Needs ../shared/data/fracatlas
 (``FRACFEAT_SHARED``); VGG16 uses the real ImageNet weights from ../shared/weights, the others
@@ -230,7 +231,7 @@ def main(argv=None) -> None:
 
     from fracfeat._engine import cpu_has_bf16, has_gpu, openvino_available
 
-    paths = image_paths(args.n)
+    paths = image_paths(args.n) if args.backbones else []
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_avg_start": load_avg(),
@@ -241,7 +242,7 @@ def main(argv=None) -> None:
     print(f"load average {result['load_avg_start']}; {args.n} images, {args.repeats} repeats", flush=True)
     with tempfile.TemporaryDirectory(prefix="fracfeat-bench-") as tmp:
         work = Path(tmp)
-        for backbone in args.backbones.split(","):
+        for backbone in [b for b in args.backbones.split(",") if b]:
             r = result["backbones"][backbone] = {}
             print(f"{backbone}:", flush=True)
             r["baseline"] = bench_baseline(backbone, paths[:args.baseline_n], args.repeats)

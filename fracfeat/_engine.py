@@ -443,7 +443,7 @@ class FeatureEngine:
         differ now is a failure (its features would otherwise be stored under the old hash).
         """
         size, policy = self.config.image_size, self.config.truncated
-        workers = workers or min(8, (os.cpu_count() or 1) + 1)
+        workers = workers or min(32, (os.cpu_count() or 1) + 1)
 
         def submit(pool, i, p):
             return pool.submit(load_image, p, size, policy, None if sha256s is None else sha256s[i])
