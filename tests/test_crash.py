@@ -93,3 +93,19 @@ def test_rerun_after_sigkill_finishes_and_loses_at_most_one_checkpoint(point, ki
     # Nothing left behind: checkpoints are folded into the version, tmp/ is empty.
     assert not list((store.root / "checkpoints").rglob("*.h5"))
     assert not list((store.root / "tmp").iterdir())
+
+
+def test_pause_hook_is_inert_unless_its_point_is_named(tmp_path, monkeypatch):
+    import time
+
+    from fracfeat._faults import pause_point
+
+    monkeypatch.delenv("FRACFEAT_PAUSE_AT", raising=False)
+    t = time.perf_counter()
+    for _ in range(10000):
+        pause_point("batch")
+    assert time.perf_counter() - t < 1.0
+    monkeypatch.setenv("FRACFEAT_PAUSE_AT", "commit:1")
+    monkeypatch.setenv("FRACFEAT_PAUSE_FILE", str(tmp_path / "held"))
+    pause_point("batch")  # another point: returns at once, creates nothing
+    assert not (tmp_path / "held").exists()
