@@ -1,0 +1,165 @@
+"""Honest accuracy estimates: grouped out-of-fold predictions and group bootstrap confidence intervals.
+
+Used by ``benchmarks/accuracy.py`` and usable on any :class:`FeatureSet`. Every row is predicted once,
+by a model that never saw its group (near-duplicate radiographs share a group), and any tuning the
+model does happens inside its own training rows: the test fold is never looked at before it is scored.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ._errors import ConfigError
+from ._featureset import FeatureSet
+
+# Metrics reported per method; each maps (y, score, pred) -> float.
+SUMMARY_KEYS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "sensitivity_at_specificity")
+
+
+def grouped_folds(y, groups, n_splits: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """StratifiedGroupKFold folds (shuffled with ``seed``) as index pairs, so every method gets the same ones.
+
+    Raises :class:`ConfigError` when a fold would hold one class only or groups are missing.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, groups = np.asarray(y), np.asarray(groups)
+    if len(groups) != len(y) or any(g == "" for g in groups.astype(str)):
+        raise ConfigError("grouped folds need a group for every row (e.g. the manifest's group column)")
+    if len(np.unique(groups)) < n_splits:
+        raise ConfigError(f"{n_splits} folds need at least {n_splits} groups; there are {len(np.unique(groups))}")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    folds = [(np.asarray(tr), np.asarray(te)) for tr, te in splitter.split(np.zeros(len(y)), y, groups)]
+    for k, (_, te) in enumerate(folds):
+        if len(np.unique(y[te])) < 2:
+            raise ConfigError(f"fold {k} holds one class only; use fewer folds")
+    return folds
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold predictions of one method: every row scored by the model of the fold that held it out."""
+
+    y: np.ndarray
+    score: np.ndarray  # P(fractured)
+    pred: np.ndarray  # 0/1 decision
+    groups: np.ndarray
+    fold: np.ndarray  # which fold predicted each row
+    fit_seconds: list = field(default_factory=list)  # per fold: training (and tuning) time
+    details: list = field(default_factory=list)  # per fold: whatever fit_fold returned besides the model
+
+    def metrics(self, min_specificity: float = 0.85) -> dict:
+        return summary_metrics(self.y, self.score, self.pred, min_specificity)
+
+
+def out_of_fold(fs: FeatureSet, fit_fold: Callable, folds) -> OutOfFold:
+    """Train on each fold's training rows and predict its held-out rows.
+
+    Parameters
+    ----------
+    fs : FeatureSet
+        Labeled rows (with groups when the folds are grouped).
+    fit_fold : callable
+        ``fit_fold(train: FeatureSet) -> model`` or ``-> (model, details)``; ``model`` has
+        ``predict_proba`` and ``predict`` on feature arrays. Anything it tunes, it tunes on ``train`` only.
+    folds : list of (train_idx, test_idx)
+        E.g. from :func:`grouped_folds`; they must cover every row exactly once as a test row.
+    """
+    n = len(fs)
+    covered = np.concatenate([te for _, te in folds])
+    if len(covered) != n or len(np.unique(covered)) != n:
+        raise ConfigError("the folds must hold out every row exactly once")
+    score, pred, fold = np.empty(n), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    seconds, details = [], []
+    for k, (tr, te) in enumerate(folds):
+        if np.intersect1d(fs.groups[tr], fs.groups[te]).size and fs.has_groups:
+            raise ConfigError(f"fold {k}: a group lies on both sides; build folds with grouped_folds")
+        t = time.perf_counter()
+        out = fit_fold(fs.subset(tr))
+        model, info = out if isinstance(out, tuple) else (out, None)
+        seconds.append(time.perf_counter() - t)
+        X = np.asarray(fs.X[te], dtype=np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            score[te] = model.predict_proba(X)[:, 1]
+            pred[te] = model.predict(X)
+        fold[te] = k
+        details.append(info)
+    return OutOfFold(y=np.asarray(fs.y), score=score, pred=pred, groups=np.asarray(fs.groups), fold=fold,
+                     fit_seconds=seconds, details=details)
+
+
+def sensitivity_at_specificity(y, score, min_specificity: float = 0.85) -> float:
+    """The highest sensitivity any threshold reaches while specificity stays >= ``min_specificity``."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y, score)
+    ok = fpr <= 1.0 - min_specificity + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def summary_metrics(y, score, pred, min_specificity: float = 0.85) -> dict:
+    """ROC AUC, balanced accuracy, sensitivity, specificity, F1, and sensitivity at the given specificity."""
+    from sklearn.metrics import roc_auc_score
+
+    y, score, pred = np.asarray(y), np.asarray(score, dtype=np.float64), np.asarray(pred)
+    pos, neg = y == 1, y == 0
+    tp, fn = int((pred[pos] == 1).sum()), int((pred[pos] == 0).sum())
+    tn, fp = int((pred[neg] == 0).sum()), int((pred[neg] == 1).sum())
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    return {
+        "roc_auc": float(roc_auc_score(y, score)),
+        "balanced_accuracy": (sens + spec) / 2,
+        "sensitivity": sens,
+        "specificity": spec,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+        "sensitivity_at_specificity": sensitivity_at_specificity(y, score, min_specificity),
+    }
+
+
+def bootstrap_ci(y, score, pred, groups=None, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                 min_specificity: float = 0.85) -> dict:
+    """Point estimates and percentile bootstrap intervals of :func:`summary_metrics`.
+
+    With ``groups``, whole groups are resampled (a cluster bootstrap): near-duplicate radiographs are
+    not independent, and resampling single images would make the intervals too narrow. Without
+    ``groups``, images are resampled.
+
+    Returns
+    -------
+    dict
+        ``{metric: {"value": v, "low": lo, "high": hi}}`` plus ``"resampled": "groups" | "images"``
+        and ``"n_boot"``.
+    """
+    y, score, pred = np.asarray(y), np.asarray(score, dtype=np.float64), np.asarray(pred)
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.searchsorted(inverse[order], np.arange(inverse.max() + 1))
+        members = np.split(order, starts[1:])
+    else:
+        members = None
+    draws = {k: [] for k in SUMMARY_KEYS}
+    for _ in range(n_boot):
+        if members is None:
+            idx = rng.integers(0, len(y), len(y))
+        else:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        if len(np.unique(y[idx])) < 2:
+            continue
+        for k, v in summary_metrics(y[idx], score[idx], pred[idx], min_specificity).items():
+            draws[k].append(v)
+    point = summary_metrics(y, score, pred, min_specificity)
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    out = {k: {"value": point[k], "low": float(np.nanpercentile(draws[k], lo_q)),
+               "high": float(np.nanpercentile(draws[k], hi_q))} for k in SUMMARY_KEYS}
+    out["resampled"] = "images" if members is None else "groups"
+    out["n_boot"] = int(n_boot)
+    return out
