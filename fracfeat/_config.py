@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from ._backbones import backbone_spec, resolve_image_size, resolve_pooling
 from ._errors import ConfigError
 from ._images import DECODE_RECIPE, TRUNCATED_POLICIES
@@ -31,15 +33,76 @@ class ExtractorConfig:
     decode: str = DECODE_RECIPE
     truncated: str = "read"
     feature_code_version: int = FEATURE_CODE_VERSION
+    # Detail-keeping views (see :func:`validate_detail`). Left out of as_dict() at their defaults, so the
+    # fingerprints of plain extractors, and every store row made before these existed, stay valid.
+    tiles: int = 1
+    scales: tuple = ()
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.tiles == 1:
+            del d["tiles"]
+        if not self.scales:
+            del d["scales"]
+        else:
+            d["scales"] = list(self.scales)
+        return d
+
+    @property
+    def decode_size(self) -> int:
+        """Side of the square each file is decoded to before the backbone sees it (or its tiles/scales)."""
+        if self.tiles > 1:
+            return tile_canvas(self.image_size, self.tiles)
+        return max(self.scales) if self.scales else self.image_size
+
+    @property
+    def n_views(self) -> int:
+        """Backbone passes per image."""
+        return self.tiles * self.tiles if self.tiles > 1 else max(1, len(self.scales))
 
     @property
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of every field: rows are reused only under an identical one."""
         blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+def tile_canvas(tile: int, tiles: int) -> int:
+    """Side of the image cut into ``tiles`` x ``tiles`` tiles of ``tile`` px overlapping by half."""
+    return tile * (tiles + 1) // 2
+
+
+def validate_detail(spec, image_size: int, tiles, scales) -> tuple[int, int, tuple]:
+    """Check the detail-keeping options; returns (image_size, tiles, scales) resolved.
+
+    - ``tiles=n`` (n >= 2): the image is resized to ``image_size * (n + 1) / 2`` px and cut into n x n
+      tiles of ``image_size`` px overlapping by half; each tile goes through the backbone and its global
+      pooling, and the per-tile features are pooled over tiles by mean and by max, concatenated
+      (2 x the backbone's width). A fracture a few pixels wide at 224 px gets n/2 times more pixels.
+    - ``scales=(s1, s2, ...)``: the backbone runs on the whole image at each size and the features are
+      concatenated in that order; ``image_size`` is then the largest scale.
+    """
+    if isinstance(tiles, bool) or not isinstance(tiles, (int, np.integer)) or tiles < 1:
+        raise ConfigError(f"tiles={tiles!r}: give a whole number >= 1 (tiles per side; 1 = no tiling)")
+    tiles = int(tiles)
+    if scales is None or (not isinstance(scales, (str, bytes)) and len(scales) == 0):
+        scales = ()
+    else:
+        if isinstance(scales, str):
+            scales = [v for v in scales.replace(" ", "").split(",") if v]
+        try:
+            scales = tuple(int(v) for v in scales)
+        except (TypeError, ValueError):
+            raise ConfigError(f"scales={scales!r}: give input sizes, e.g. (224, 448) or '224,448'") from None
+        if len(scales) < 2 or len(set(scales)) != len(scales):
+            raise ConfigError(f"scales={scales!r}: give two or more different input sizes, e.g. (224, 448)")
+        for s in scales:
+            resolve_image_size(spec, s)  # each must suit the backbone
+    if tiles > 1 and scales:
+        raise ConfigError("tiles= and scales= cannot be combined; pick one")
+    if scales:
+        image_size = max(scales)
+    return image_size, tiles, scales
 
 
 def check_choice(name: str, value, choices) -> str:

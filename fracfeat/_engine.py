@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ._backbones import CAFFE_MEAN_BGR, BackboneSpec, ResolvedWeights, backbone_spec, build_backbone, resolve_weights
-from ._config import ExtractorConfig, validate_settings
+from ._config import ExtractorConfig, validate_detail, validate_settings
 from ._errors import ConfigError, ImageError, WeightsError
 from ._images import DecodedImage, load_image
 
@@ -139,14 +139,15 @@ def preferred_batch_size(config: ExtractorConfig) -> int:
 
 def resolve_extractor(
     backbone="vgg16", weights="imagenet", image_size=None, pooling="avg",
-    precision="auto", runtime="auto", truncated="read",
+    precision="auto", runtime="auto", truncated="read", tiles=1, scales=None,
 ) -> tuple[ExtractorConfig, ResolvedWeights]:
     spec, size, pool, prec, rt, tr = validate_settings(backbone, image_size, pooling, precision, runtime, truncated)
+    size, tiles, scales = validate_detail(spec, size, tiles, scales)
     resolved = resolve_weights(spec, weights)
     prec, rt = choose_precision_and_runtime(spec, prec, rt)
     config = ExtractorConfig(
         backbone=spec.name, image_size=size, pooling=pool, preprocessing=spec.preprocessing,
-        weights=resolved.identity, precision=prec, runtime=rt, truncated=tr,
+        weights=resolved.identity, precision=prec, runtime=rt, truncated=tr, tiles=tiles, scales=scales,
     )
     return config, resolved
 
@@ -155,11 +156,15 @@ def config_from_provenance(provenance: dict) -> ExtractorConfig:
     """The exact extractor a store version was made with (resolved precision/runtime, no "auto")."""
     import dataclasses
 
+    optional = {"tiles", "scales"}  # absent when at their defaults (and in versions made before them)
     names = [f.name for f in dataclasses.fields(ExtractorConfig)]
-    missing = [n for n in names if n not in provenance]
+    missing = [n for n in names if n not in provenance and n not in optional]
     if missing:
         raise ConfigError(f"provenance lacks {', '.join(missing)}: it does not come from a fracfeat store version")
-    config = ExtractorConfig(**{n: provenance[n] for n in names})
+    values = {n: provenance[n] for n in names if n in provenance}
+    if "scales" in values:
+        values["scales"] = tuple(int(v) for v in values["scales"])
+    config = ExtractorConfig(**values)
     recorded = provenance.get("fingerprint")
     if recorded and recorded != config.fingerprint:
         raise ConfigError(f"provenance fingerprint {recorded[:12]} does not match its own settings "
@@ -409,31 +414,57 @@ class FeatureEngine:
     def __init__(self, config: ExtractorConfig, weights: ResolvedWeights):
         self.config = config
         self.weights = weights
-        self._runner = None
+        self._runners: dict[int, object] = {}
+
+    def runner_for(self, size: int):
+        """The backbone + pooling at one input size (a plain extractor: no tiles, no scales)."""
+        if size not in self._runners:
+            unit = dataclasses.replace(self.config, image_size=size, tiles=1, scales=())
+            if unit.runtime == "openvino":
+                float32 = dataclasses.replace(unit, precision="float32")
+                self._runners[size] = OpenVINORunner(unit, lambda: _build_feature_model(float32, self.weights))
+            else:
+                self._runners[size] = KerasRunner(_build_feature_model(unit, self.weights))
+        return self._runners[size]
 
     @property
     def runner(self):
-        if self._runner is None:
-            if self.config.runtime == "openvino":
-                float32 = dataclasses.replace(self.config, precision="float32")
-                self._runner = OpenVINORunner(self.config, lambda: _build_feature_model(float32, self.weights))
-            else:
-                self._runner = KerasRunner(_build_feature_model(self.config, self.weights))
-        return self._runner
+        return self.runner_for(self.config.image_size if not self.config.scales else self.config.scales[0])
 
     @property
     def n_features(self) -> int:
-        return self.runner.n_features
+        c = self.config
+        if c.scales:
+            return sum(self.runner_for(s).n_features for s in c.scales)
+        return self.runner.n_features * (2 if c.tiles > 1 else 1)
 
     def versions(self) -> dict:
         """Versions of the software computing the features (for provenance)."""
         return self.runner.versions()
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        """Features of already decoded uint8 images, shape (n, s, s, 3)."""
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        out = self.runner(batch)
+    def _run(self, runner, batch: np.ndarray) -> np.ndarray:
+        out = runner(np.ascontiguousarray(batch, dtype=np.uint8))
         return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Features of already decoded uint8 images, shape (n, d, d, 3) with d = ``config.decode_size``."""
+        c = self.config
+        if c.tiles > 1:
+            s, n, stride = c.image_size, c.tiles, c.image_size // 2
+            tiles = np.stack([batch[:, i * stride:i * stride + s, j * stride:j * stride + s]
+                              for i in range(n) for j in range(n)], axis=1)  # (b, n*n, s, s, 3)
+            feats = self._run(self.runner, tiles.reshape(-1, s, s, 3)).reshape(len(batch), n * n, -1)
+            return np.concatenate([feats.mean(axis=1), feats.max(axis=1)], axis=1)
+        if c.scales:
+            from ._images import pixels_from_array
+
+            parts = []
+            for size in c.scales:
+                # Smaller scales are resized from the decoded largest one with the decoder's own filter.
+                view = batch if size == c.decode_size else np.stack([pixels_from_array(im, size) for im in batch])
+                parts.append(self._run(self.runner_for(size), view))
+            return np.concatenate(parts, axis=1)
+        return self._run(self.runner, batch)
 
     def iter_decoded(self, paths: Sequence[str], workers: int | None = None, lookahead: int = 64,
                      sha256s: Sequence[str] | None = None) -> Iterator[tuple[int, DecodedImage]]:
@@ -442,7 +473,7 @@ class FeatureEngine:
         ``sha256s``: the hash each file had when it was looked up in the cache; a file whose bytes
         differ now is a failure (its features would otherwise be stored under the old hash).
         """
-        size, policy = self.config.image_size, self.config.truncated
+        size, policy = self.config.decode_size, self.config.truncated
         workers = workers or min(32, (os.cpu_count() or 1) + 1)
 
         def submit(pool, i, p):
@@ -467,7 +498,7 @@ class FeatureEngine:
         sha256s: Sequence[str] | None = None,
     ) -> Iterator[FeatureBatch]:
         """Yield a :class:`FeatureBatch` per ``batch_size`` decoded images, in input order."""
-        size = self.config.image_size
+        size = self.config.decode_size
         buf = np.empty((batch_size, size, size, 3), dtype=np.uint8)
         idx: list[int] = []
         failures: list[tuple[int, str]] = []

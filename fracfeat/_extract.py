@@ -67,6 +67,8 @@ def extract(
     weights="imagenet",
     image_size: int | None = None,
     pooling: str = "avg",
+    tiles: int = 1,
+    scales=None,
     batch_size: int | None = None,
     precision: str = "auto",
     runtime: str = "auto",
@@ -104,6 +106,13 @@ def extract(
         Square input size; the backbone's default (224, 224, 260) when None.
     pooling : {"avg", "max", "none"}
         Global pooling of the last convolution map; "none" flattens it.
+    tiles : int
+        Keep small detail: ``n`` >= 2 cuts the image, resized to ``image_size * (n + 1) / 2`` px, into
+        n x n tiles of ``image_size`` px overlapping by half, and pools the tiles' features by mean and
+        by max (concatenated: twice the backbone's width). 1 (default) runs the whole image once.
+    scales : sequence of int, optional
+        Multi-scale: run the whole image at each of these input sizes and concatenate the features,
+        e.g. ``(224, 448)``. Cannot be combined with ``tiles``.
     batch_size : int, optional
         Images per forward pass; None lets the engine choose (256 on a GPU, 32 on CPUs).
     precision : {"auto", "float32", "bfloat16", "float16"}
@@ -150,7 +159,8 @@ def extract(
         raise ConfigError(f"checkpoint_every={checkpoint_every!r}: give a positive integer")
     t_start = time.perf_counter()
     records, source_desc = load_records(source, labels=labels, groups=groups, splits=splits, class_map=class_map)
-    config, resolved_weights = resolve_extractor(backbone, weights, image_size, pooling, precision, runtime, truncated)
+    config, resolved_weights = resolve_extractor(backbone, weights, image_size, pooling, precision, runtime, truncated,
+                                                 tiles=tiles, scales=scales)
     fingerprint = config.fingerprint
     feature_store = store if isinstance(store, FeatureStore) else FeatureStore(store, lock_timeout=lock_timeout)
 

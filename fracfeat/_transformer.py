@@ -44,6 +44,10 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         Images per forward pass.
     workers : int, optional
         Decoding threads.
+    tiles : int
+        Overlapping tiles per side, their features pooled by mean and max (see :func:`fracfeat.extract`).
+    scales : sequence of int, optional
+        Input sizes whose features are concatenated (see :func:`fracfeat.extract`).
 
     Attributes
     ----------
@@ -64,7 +68,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, backbone="vgg16", weights="imagenet", image_size=None, pooling="avg", precision="auto",
-                 runtime="auto", truncated="read", weights_identity=None, batch_size=32, workers=None):
+                 runtime="auto", truncated="read", weights_identity=None, batch_size=32, workers=None, tiles=1,
+                 scales=None):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -75,6 +80,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         self.weights_identity = weights_identity
         self.batch_size = batch_size
         self.workers = workers
+        self.tiles = tiles
+        self.scales = scales
 
     @classmethod
     def from_provenance(cls, provenance: dict, weights=None, **params) -> "DeepFeatures":
@@ -98,7 +105,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
                 kind, provenance.get("weights_path") or None)
         deep = cls(backbone=config.backbone, weights=weights, image_size=config.image_size, pooling=config.pooling,
                    precision=config.precision, runtime=config.runtime, truncated=config.truncated,
-                   weights_identity=config.weights, **params)
+                   weights_identity=config.weights, tiles=config.tiles, scales=config.scales or None, **params)
         deep.fit()
         if deep.fingerprint_ != config.fingerprint:
             raise ConfigError(
@@ -122,20 +129,21 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         self
         """
         from ._engine import choose_precision_and_runtime, resolve_extractor
-        from ._config import validate_settings
+        from ._config import validate_detail, validate_settings
 
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size!r}: give a positive integer")
         if self.weights_identity is None:
             config, _ = resolve_extractor(self.backbone, self.weights, self.image_size, self.pooling,
-                                          self.precision, self.runtime, self.truncated)
+                                          self.precision, self.runtime, self.truncated, self.tiles, self.scales)
         else:
             spec, size, pool, prec, rt, tr = validate_settings(self.backbone, self.image_size, self.pooling,
                                                                self.precision, self.runtime, self.truncated)
+            size, tiles, scales = validate_detail(spec, size, self.tiles, self.scales)
             prec, rt = choose_precision_and_runtime(spec, prec, rt)
             config = ExtractorConfig(backbone=spec.name, image_size=size, pooling=pool,
                                      preprocessing=spec.preprocessing, weights=str(self.weights_identity),
-                                     precision=prec, runtime=rt, truncated=tr)
+                                     precision=prec, runtime=rt, truncated=tr, tiles=tiles, scales=scales)
         self.config_ = config
         self.fingerprint_ = config.fingerprint
         self._engine = None
@@ -167,7 +175,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
             return feats
         from ._images import pixels_from_array
 
-        size = self.config_.image_size
+        size = self.config_.decode_size
         engine = self.engine()
         out = []
         for start in range(0, len(items), self.batch_size):
