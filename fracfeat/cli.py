@@ -63,6 +63,11 @@ def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | Non
     g.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="square input size in pixels (default: the backbone's, e.g. 224)")
     g.add_argument("--pooling", default="avg", help="avg, max or none (default: avg)")
+    g.add_argument("--tiles", type=int, default=1, metavar="N",
+                   help="keep small detail: N x N overlapping tiles at higher resolution, features pooled by mean "
+                        "and max (default: 1, the whole image once)")
+    g.add_argument("--scales", default=None, metavar="S1,S2",
+                   help="multi-scale: concatenate features at these input sizes, e.g. 224,448")
     g.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default: 32)")
     g.add_argument("--precision", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     g.add_argument("--runtime", default="auto", help="auto, keras or openvino (default: auto)")
@@ -75,6 +80,7 @@ def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | Non
 
 def _extract_kwargs(args) -> dict:
     return dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, pooling=args.pooling,
+                tiles=args.tiles, scales=args.scales,
                 batch_size=args.batch_size, precision=args.precision, runtime=args.runtime,
                 truncated=args.truncated, strict=args.strict, progress=not args.quiet)
 

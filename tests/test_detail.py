@@ -75,3 +75,19 @@ def test_scales_concatenate_whole_image_features(tmp_path, images):
     # Other settings, other rows: a second extraction reuses nothing of the plain 64-px rows.
     again = extract(images, store=tmp_path / "s", image_size=64, **{k: v for k, v in KERAS.items() if k != "image_size"})
     assert again.provenance["n_reused"] == 0 and again.fingerprint != fs.fingerprint
+
+
+@pytest.mark.slow
+def test_cli_extract_takes_tiles_and_scales(python, subprocess_env, class_folder, tmp_path):
+    import subprocess
+
+    args = [python, "-m", "fracfeat", "extract", str(class_folder), "--weights", "none", "--image-size", "32",
+            "--runtime", "keras", "--quiet"]
+    r = subprocess.run([*args, "--store", str(tmp_path / "t"), "--tiles", "2"], env=subprocess_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert FeatureStore(tmp_path / "t").open().X.shape == (12, 1024)
+    r = subprocess.run([*args, "--store", str(tmp_path / "m"), "--scales", "32,48"], env=subprocess_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert FeatureStore(tmp_path / "m").provenance()["scales"] == [32, 48]
