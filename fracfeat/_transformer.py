@@ -58,6 +58,14 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
     trained_on_ : dict
         Set by :func:`fracfeat.fit`: store, version and fingerprint of the training features.
 
+    Notes
+    -----
+    scikit-learn's ``estimator_checks`` are run in ``tests/test_transformer.py``: the API checks pass
+    (clone, get/set_params, no work in ``__init__``, fit returns self, unfitted errors...); the checks
+    that feed numeric tables to ``transform`` or expect ``fit`` to validate one are listed there
+    (``SKIPPED_CHECKS``) with the reason: the input here is images, not a feature table.
+    ``pipeline[1:]`` is the part that takes feature tables, and it is plain scikit-learn.
+
     Examples
     --------
     >>> from fracfeat import DeepFeatures
