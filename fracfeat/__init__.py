@@ -2,7 +2,7 @@
 
 Public API (everything else lives in private modules)::
 
-    from fracfeat import extract, fit, evaluate, FeatureStore, FeatureSet, DeepFeatures
+    from fracfeat import extract, fit, evaluate, report, run, load_model, FeatureStore, FeatureSet, DeepFeatures
 
 Importing fracfeat is cheap: TensorFlow/Keras, XGBoost, Optuna and matplotlib load only when used.
 """
@@ -12,6 +12,7 @@ from ._errors import (
     FracfeatError,
     ImageError,
     MissingDependencyError,
+    ModelError,
     SourceError,
     StoreError,
     WeightsError,
@@ -19,7 +20,9 @@ from ._errors import (
 from ._extract import extract
 from ._featureset import FeatureSet
 from ._fit import FitResult, fit
-from ._metrics import METRIC_KEYS, evaluate
+from ._metrics import METRIC_KEYS, evaluate, load_model
+from ._report import report
+from ._run import RunResult, run
 from ._store import FeatureStore
 from ._version import __version__
 
@@ -27,6 +30,10 @@ __all__ = [
     "extract",
     "fit",
     "evaluate",
+    "load_model",
+    "report",
+    "run",
+    "RunResult",
     "DeepFeatures",
     "FitResult",
     "METRIC_KEYS",
@@ -36,6 +43,7 @@ __all__ = [
     "ConfigError",
     "ImageError",
     "MissingDependencyError",
+    "ModelError",
     "SourceError",
     "StoreError",
     "WeightsError",

@@ -27,3 +27,7 @@ class WeightsError(FracfeatError):
 
 class MissingDependencyError(FracfeatError, ImportError):
     """An optional dependency is not installed; the message says what to install."""
+
+
+class ModelError(FracfeatError, ValueError):
+    """A saved model is missing, unreadable, or not a fracfeat classifier."""

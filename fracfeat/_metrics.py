@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,11 +18,46 @@ METRIC_KEYS = (
 )
 
 
+def load_model(path):
+    """Load a model saved with ``joblib.dump`` (by :func:`fit`'s result, ``fracfeat fit`` or ``fracfeat run``).
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.joblib`` file.
+
+    Returns
+    -------
+    sklearn.pipeline.Pipeline
+
+    Raises
+    ------
+    fracfeat.ModelError
+        The file is missing, is not a joblib file, or holds no classifier with ``predict_proba``.
+    """
+    import joblib
+
+    from ._errors import ModelError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"model file {path!r} not found: give the .joblib file that `fracfeat fit --out` "
+                         f"or `fracfeat run` wrote")
+    try:
+        model = joblib.load(path)
+    except Exception as e:  # pickle raises many types on foreign or damaged files
+        raise ModelError(f"{path!r} cannot be loaded as a saved model ({type(e).__name__}: {e}); "
+                         f"give a .joblib file written by fracfeat") from None
+    model = getattr(model, "pipeline", model)  # a pickled FitResult
+    if not hasattr(model, "predict_proba"):
+        raise ModelError(f"{path!r} holds a {type(model).__name__}, not a classifier with predict_proba; "
+                         f"give a .joblib file written by fracfeat")
+    return model
+
+
 def _pipeline_of(model):
     if isinstance(model, (str, os.PathLike)):
-        import joblib
-
-        model = joblib.load(model)
+        return load_model(model)
     return getattr(model, "pipeline", model)  # a FitResult or the Pipeline itself
 
 
@@ -83,6 +119,71 @@ def _scores(head, X):
     return head.predict(X), proba
 
 
+@dataclass
+class Predictions:
+    """One row per evaluated image: true label, predicted label, P(fractured), split and path."""
+
+    y: np.ndarray
+    pred: np.ndarray
+    score: np.ndarray
+    splits: np.ndarray
+    paths: np.ndarray
+    classes: tuple
+    failed_splits: np.ndarray  # split of each image that could not be read
+
+
+def predict_rows(model, features_or_source, *, version="latest") -> Predictions:
+    """The model's prediction for every labeled image of ``features_or_source`` (see :func:`evaluate`)."""
+    from ._store import FeatureStore
+
+    pipeline = _pipeline_of(model)
+    deep, head = _split_feature_step(pipeline)
+    data = features_or_source
+    if isinstance(data, FeatureStore) or (isinstance(data, (str, os.PathLike)) and FeatureStore(data).exists()):
+        store = data if isinstance(data, FeatureStore) else FeatureStore(data)
+        data = store.open(version)
+
+    if isinstance(data, FeatureSet):
+        rows = data.labeled()
+        if rows.y is None or not len(rows):
+            raise ConfigError(f"{data!r} has no labeled rows to evaluate on")
+        if deep is not None and rows.fingerprint and rows.fingerprint != deep.fingerprint_:
+            raise ConfigError(
+                f"the feature set was made by another extractor (fingerprint {rows.fingerprint[:12]}, "
+                f"{rows.provenance.get('backbone')} {rows.provenance.get('image_size')}px) than the model's "
+                f"({deep.fingerprint_[:12]}, {deep.config_.backbone} {deep.config_.image_size}px): evaluate on the "
+                f"images (a folder or CSV) instead, or on a store version made with the model's settings")
+        pred, score = _scores(head, rows.X)
+        y, splits, failed_splits = rows.y, rows.splits, np.array([], dtype=str)
+        classes, paths = rows.classes, rows.paths
+    else:
+        if deep is None:
+            raise ConfigError("this model takes feature arrays: pass a FeatureSet or store, not images")
+        from ._featureset import classes_from_rows
+        from ._sources import UNLABELED, load_records
+
+        records, desc = load_records(data)
+        records = [r for r in records if r.label != UNLABELED]
+        if not records:
+            raise SourceError(f"{desc} holds no labeled images to evaluate on")
+        X, ok, failures = deep.features_of_paths([r.path for r in records], strict=False)
+        failed = np.array(sorted(i for i, _ in failures), dtype=np.int64)
+        all_splits = np.array([r.split for r in records])
+        failed_splits = all_splits[failed] if len(failed) else np.array([], dtype=str)
+        if not len(ok):
+            raise SourceError(f"none of the {len(records)} labeled images of {desc} could be read; "
+                              f"first: {records[failures[0][0]].path}: {failures[0][1]}")
+        pred, score = _scores(head, X)
+        y = np.array([records[i].label for i in ok])
+        splits = all_splits[ok]
+        paths = np.array([records[i].path for i in ok], dtype=object)
+        classes = classes_from_rows(np.array([r.label for r in records]), np.array([r.class_name for r in records]))
+
+    return Predictions(y=np.asarray(y), pred=np.asarray(pred), score=np.asarray(score, dtype=np.float64),
+                       splits=np.asarray(splits), paths=np.asarray(paths), classes=tuple(classes),
+                       failed_splits=np.asarray(failed_splits))
+
+
 def evaluate(model, features_or_source, *, split=None, version="latest") -> dict:
     """Score a fitted model on labeled images or feature rows, per split.
 
@@ -116,50 +217,18 @@ def evaluate(model, features_or_source, *, split=None, version="latest") -> dict
     >>> report = evaluate("model.joblib", "data/fracatlas_splits")   # doctest: +SKIP
     >>> report["test"]["roc_auc"], report["test"]["sensitivity"]     # doctest: +SKIP
     """
-    from ._store import FeatureStore
+    report = metrics_by_split(predict_rows(model, features_or_source, version=version))
+    if split is not None:
+        if split not in report:
+            raise ConfigError(f"split={split!r}: the data has {list(report)}")
+        return report[split]
+    return report
 
-    pipeline = _pipeline_of(model)
-    deep, head = _split_feature_step(pipeline)
-    data = features_or_source
-    if isinstance(data, FeatureStore) or (isinstance(data, (str, os.PathLike)) and FeatureStore(data).exists()):
-        store = data if isinstance(data, FeatureStore) else FeatureStore(data)
-        data = store.open(version)
 
-    if isinstance(data, FeatureSet):
-        rows = data.labeled()
-        if rows.y is None or not len(rows):
-            raise ConfigError(f"{data!r} has no labeled rows to evaluate on")
-        if deep is not None and rows.fingerprint and rows.fingerprint != deep.fingerprint_:
-            raise ConfigError(
-                f"the feature set was made by another extractor (fingerprint {rows.fingerprint[:12]}, "
-                f"{rows.provenance.get('backbone')} {rows.provenance.get('image_size')}px) than the model's "
-                f"({deep.fingerprint_[:12]}, {deep.config_.backbone} {deep.config_.image_size}px): evaluate on the "
-                f"images (a folder or CSV) instead, or on a store version made with the model's settings")
-        pred, score = _scores(head, rows.X)
-        y, splits, failed_splits = rows.y, rows.splits, np.array([], dtype=str)
-        classes = rows.classes
-    else:
-        if deep is None:
-            raise ConfigError("this model takes feature arrays: pass a FeatureSet or store, not images")
-        from ._featureset import classes_from_rows
-        from ._sources import UNLABELED, load_records
-
-        records, desc = load_records(data)
-        records = [r for r in records if r.label != UNLABELED]
-        if not records:
-            raise SourceError(f"{desc} holds no labeled images to evaluate on")
-        X, ok, failures = deep.features_of_paths([r.path for r in records], strict=False)
-        failed = np.array(sorted(i for i, _ in failures), dtype=np.int64)
-        all_splits = np.array([r.split for r in records])
-        failed_splits = all_splits[failed] if len(failed) else np.array([], dtype=str)
-        if not len(ok):
-            raise SourceError(f"none of the {len(records)} labeled images of {desc} could be read; "
-                              f"first: {records[failures[0][0]].path}: {failures[0][1]}")
-        pred, score = _scores(head, X)
-        y = np.array([records[i].label for i in ok])
-        splits = all_splits[ok]
-        classes = classes_from_rows(np.array([r.label for r in records]), np.array([r.class_name for r in records]))
-
+def metrics_by_split(rows: Predictions) -> dict:
+    """``{split: metrics}`` of :func:`evaluate` from per-image predictions."""
+    y, pred, score, splits, failed_splits = rows.y, rows.pred, rows.score, rows.splits, rows.failed_splits
+    classes = rows.classes
     names = [s for s in ("train", "val", "test") if s in set(splits)] + sorted(set(splits) - {"train", "val", "test", ""})
     if not names or "" in set(splits):
         names = names + ["all"] if names else ["all"]
@@ -169,8 +238,4 @@ def evaluate(model, features_or_source, *, split=None, version="latest") -> dict
         metrics = binary_metrics(y[mask], pred[mask], score[mask], classes)
         metrics["n_failed"] = int(len(failed_splits) if name == "all" else (failed_splits == name).sum())
         report[name] = metrics
-    if split is not None:
-        if split not in report:
-            raise ConfigError(f"split={split!r}: the data has {list(report)}")
-        return report[split]
     return report

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._featureset import DEFAULT_CLASSES
+from ._featureset import DEFAULT_CLASSES, FeatureSet
 
 log = logging.getLogger("fracfeat")
 
@@ -60,16 +60,34 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def operating_point(y_true, scores, threshold: float) -> dict:
-    """Sensitivity, specificity, precision and the confusion counts at ``threshold`` (score >= t is positive)."""
+def _decisions(s: np.ndarray, threshold, y_pred) -> np.ndarray:
+    if y_pred is not None:
+        pred = np.asarray(y_pred).astype(int).ravel()
+        if pred.shape != s.shape:
+            raise ValueError(f"y_pred has {len(pred)} entries but scores has {len(s)}; give one per label")
+        return pred == 1
+    return s >= (0.5 if threshold is None else threshold)
+
+
+def _rule(threshold) -> str:
+    """How the operating point was chosen, for labels."""
+    return "model's decision" if threshold is None else f"threshold {threshold:.2f}"
+
+
+def operating_point(y_true, scores, threshold: float | None = 0.5, y_pred=None) -> dict:
+    """Sensitivity, specificity, precision and the confusion counts of the model's decisions.
+
+    The decisions are ``y_pred`` when given (a model's own ``predict``, e.g. an SVC whose decision
+    function and probabilities can disagree near 0.5), else ``score >= threshold``.
+    """
     y, s = _binary(y_true, scores)
-    pred = s >= threshold
+    pred = _decisions(s, threshold, y_pred)
     tp = int(np.sum(pred & (y == 1)))
     fp = int(np.sum(pred & (y == 0)))
     fn = int(np.sum(~pred & (y == 1)))
     tn = int(np.sum(~pred & (y == 0)))
     return {
-        "threshold": float(threshold), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "threshold": None if threshold is None else float(threshold), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
         "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
         "specificity": tn / (tn + fp) if tn + fp else float("nan"),
         "precision": tp / (tp + fp) if tp + fp else float("nan"),
@@ -79,10 +97,10 @@ def operating_point(y_true, scores, threshold: float) -> dict:
 
 # -- plots ----------------------------------------------------------------------------------------
 
-def plot_confusion_matrix(y_true, scores, threshold: float = 0.5, classes=DEFAULT_CLASSES):
+def plot_confusion_matrix(y_true, scores, threshold: float | None = 0.5, classes=DEFAULT_CLASSES, y_pred=None):
     """Counts and row percentages of true class (rows) against predicted class (columns)."""
     y, s = _binary(y_true, scores)
-    op = operating_point(y, s, threshold)
+    op = operating_point(y, s, threshold, y_pred)
     cm = np.array([[op["tn"], op["fp"]], [op["fn"], op["tp"]]])
     fig = _figure(4.6, 4.0)
     ax = fig.add_subplot()
@@ -95,7 +113,7 @@ def plot_confusion_matrix(y_true, scores, threshold: float = 0.5, classes=DEFAUL
                     color="white" if share[i, j] > 0.6 else "black")
     ax.set_xticks([0, 1], [f"pred. {c}" for c in classes])
     ax.set_yticks([0, 1], [f"true {c}" for c in classes], rotation=90, va="center")
-    ax.set_title(f"Confusion matrix at threshold {threshold:.2f}")
+    ax.set_title(f"Confusion matrix ({_rule(threshold)})")
     return fig
 
 
@@ -110,7 +128,7 @@ def _unit_square(ax, xlabel: str, ylabel: str, title: str, legend: str) -> None:
     ax.set_title(title)
 
 
-def plot_roc(y_true, scores, threshold: float = 0.5):
+def plot_roc(y_true, scores, threshold: float | None = 0.5, y_pred=None):
     """ROC curve with its AUC and the operating point at ``threshold`` marked."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -121,16 +139,16 @@ def plot_roc(y_true, scores, threshold: float = 0.5):
     if len(np.unique(y)) == 2:
         fpr, tpr, _ = roc_curve(y, s)
         ax.plot(fpr, tpr, color=CLASS_COLORS[1], lw=2, label=f"ROC (AUC {roc_auc_score(y, s):.3f})")
-    op = operating_point(y, s, threshold)
+    op = operating_point(y, s, threshold, y_pred)
     ax.plot(op["fpr"], op["sensitivity"], "o", ms=9, mfc="white", mec="black", mew=2,
-            label=f"threshold {threshold:.2f}: sens. {_fmt(op['sensitivity'], 2)}, spec. {_fmt(op['specificity'], 2)}")
+            label=f"{_rule(threshold)}: sens. {_fmt(op['sensitivity'], 2)}, spec. {_fmt(op['specificity'], 2)}")
     _unit_square(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)", "ROC curve",
                  legend="lower right")
     ax.set_aspect("equal")
     return fig
 
 
-def plot_precision_recall(y_true, scores, threshold: float = 0.5):
+def plot_precision_recall(y_true, scores, threshold: float | None = 0.5, y_pred=None):
     """Precision-recall curve with average precision, the base rate, and the operating point marked."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
@@ -143,15 +161,15 @@ def plot_precision_recall(y_true, scores, threshold: float = 0.5):
         precision, recall, _ = precision_recall_curve(y, s)
         ax.plot(recall, precision, color=CLASS_COLORS[1], lw=2,
                 label=f"PR (AP {average_precision_score(y, s):.3f})")
-    op = operating_point(y, s, threshold)
+    op = operating_point(y, s, threshold, y_pred)
     if not math.isnan(op["precision"]):
         ax.plot(op["sensitivity"], op["precision"], "o", ms=9, mfc="white", mec="black", mew=2,
-                label=f"threshold {threshold:.2f}: recall {_fmt(op['sensitivity'], 2)}, precision {_fmt(op['precision'], 2)}")
+                label=f"{_rule(threshold)}: recall {_fmt(op['sensitivity'], 2)}, precision {_fmt(op['precision'], 2)}")
     _unit_square(ax, "recall (sensitivity)", "precision", "Precision-recall curve", legend="lower left")
     return fig
 
 
-def plot_score_distribution(y_true, scores, threshold: float = 0.5, classes=DEFAULT_CLASSES):
+def plot_score_distribution(y_true, scores, threshold: float | None = 0.5, classes=DEFAULT_CLASSES):
     """Histogram of the predicted probability of each true class, with the threshold line."""
     y, s = _binary(y_true, scores)
     fig = _figure(6.0, 3.6)
@@ -163,7 +181,8 @@ def plot_score_distribution(y_true, scores, threshold: float = 0.5, classes=DEFA
             # Density per class: the minority class would be invisible in raw counts.
             ax.hist(part, bins=bins, alpha=0.55, color=CLASS_COLORS[label], density=True,
                     label=f"true {classes[label]} (n={len(part)})")
-    ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.2f}")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.2f}")
     ax.set_xlabel(f"predicted probability of {classes[1]}")
     ax.set_ylabel("density")
     ax.set_xlim(0, 1)
@@ -263,8 +282,8 @@ def worst_first(y_true, scores) -> np.ndarray:
     return np.argsort(-np.abs(y - s), kind="stable")
 
 
-def plot_sample_grid(paths, y_true, scores, threshold: float = 0.5, classes=DEFAULT_CLASSES, n: int = 24,
-                     columns: int = 6, thumb_size: int = 192):
+def plot_sample_grid(paths, y_true, scores, threshold: float | None = 0.5, classes=DEFAULT_CLASSES, n: int = 24,
+                     columns: int = 6, thumb_size: int = 192, y_pred=None):
     """Radiographs with true label and predicted probability, worst errors first.
 
     Each tile is titled with the true class and the probability of ``classes[1]``, in red when the
@@ -276,6 +295,7 @@ def plot_sample_grid(paths, y_true, scores, threshold: float = 0.5, classes=DEFA
     y, s = _binary(y_true, scores)
     if len(paths) != len(y):
         raise ValueError(f"{len(paths)} paths but {len(y)} labels; give one path per label")
+    pred = _decisions(s, threshold, y_pred)
     order = worst_first(y, s)[:n]
     rows = max(1, math.ceil(len(order) / columns))
     fig = _figure(columns * 1.9, rows * 2.2)
@@ -286,7 +306,7 @@ def plot_sample_grid(paths, y_true, scores, threshold: float = 0.5, classes=DEFA
             ax.imshow(decoded.pixels)
         else:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
-        wrong = (s[i] >= threshold) != (y[i] == 1)
+        wrong = pred[i] != (y[i] == 1)
         color = WRONG if wrong else RIGHT
         ax.set_title(f"{'✗' if wrong else '✓'} true {classes[y[i]]}\np={s[i]:.2f} · {Path(str(paths[i])).name}",
                      fontsize=7.5, color=color)
@@ -386,7 +406,8 @@ def write_report(
     *,
     y_true,
     scores,
-    threshold: float = 0.5,
+    threshold: float | None = 0.5,
+    y_pred=None,
     paths=None,
     study=None,
     classes=DEFAULT_CLASSES,
@@ -407,8 +428,11 @@ def write_report(
         True labels of the evaluated images (1 = ``classes[1]``, fractured).
     scores : array of float
         Predicted probability of label 1 for each image.
-    threshold : float
+    threshold : float or None
         The model's decision threshold (score >= threshold predicts label 1): the marked operating point.
+        None when the model decides otherwise (then give ``y_pred``).
+    y_pred : array of {0, 1}, optional
+        The model's own predictions; they define the operating point when given.
     paths : sequence of str, optional
         Image files in the order of ``y_true``; adds the sample grid (worst errors first).
     study : optuna.Study, optional
@@ -437,7 +461,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     y, s = _binary(y_true, scores)
     classes = tuple(classes)
-    op = operating_point(y, s, threshold)
+    op = operating_point(y, s, threshold, y_pred)
+    pred = _decisions(s, threshold, y_pred).astype(int)
+    rule = _rule(threshold)
     figures: list[tuple[str, str, str]] = []  # (file, caption, css class)
 
     def add(name, fig, caption, css=""):
@@ -445,14 +471,14 @@ def write_report(
         figures.append((name, caption, css))
 
     t0 = time.perf_counter()
-    add("confusion_matrix.png", plot_confusion_matrix(y, s, threshold, classes),
-        f"Rows: true class; columns: predicted class at threshold {threshold:.2f}. Percentages are per row "
+    add("confusion_matrix.png", plot_confusion_matrix(y, s, threshold, classes, pred),
+        f"Rows: true class; columns: predicted class ({rule}). Percentages are per row "
         f"(sensitivity is the bottom-right share, specificity the top-left).")
     add("score_distribution.png", plot_score_distribution(y, s, threshold, classes),
         "How far apart the model pushes the two classes; the dashed line is the decision threshold.")
-    add("roc.png", plot_roc(y, s, threshold),
+    add("roc.png", plot_roc(y, s, threshold, pred),
         "Every threshold's trade-off; the circle is the model's operating point.")
-    add("precision_recall.png", plot_precision_recall(y, s, threshold),
+    add("precision_recall.png", plot_precision_recall(y, s, threshold, pred),
         "Precision-recall is the honest curve for a minority class; the dashed line is what guessing achieves.")
     if study is not None:
         add("optimization_history.png", plot_optimization_history(study, scoring),
@@ -462,9 +488,8 @@ def write_report(
             "Which hyperparameters moved the cross-validated score (fANOVA over completed trials).")
     n_wrong = op["fp"] + op["fn"]
     if paths is not None and len(paths):
-        add("samples.png", plot_sample_grid(paths, y, s, threshold, classes, n=n_samples),
-            f"Held-out radiographs, worst errors first: {n_wrong} of {len(y)} are misclassified at threshold "
-            f"{threshold:.2f}. Red: wrong, green: right; p is the predicted probability of {classes[1]}.", "wide")
+        add("samples.png", plot_sample_grid(paths, y, s, threshold, classes, n=n_samples, y_pred=pred),
+            f"Worst errors first: {n_wrong} of {len(y)} images are misclassified ({rule}). Red: wrong, green: right; p is the predicted probability of {classes[1]}.", "wide")
     log.debug("report plots drawn in %.1fs", time.perf_counter() - t0)
 
     metric_columns = _scalar_metrics(metrics or {})
@@ -475,15 +500,12 @@ def write_report(
         with open(out / "predictions.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "true_label", "probability", "predicted_label", "correct"])
-            for p, yi, si in zip(paths, y, s):
-                pred = int(si >= threshold)
-                w.writerow([p, classes[yi], f"{si:.6f}", classes[pred], int(pred == yi)])
+            for p, yi, si, pi in zip(paths, y, s, pred):
+                w.writerow([p, classes[yi], f"{si:.6f}", classes[pi], int(pi == yi)])
 
-    first = next(iter(metric_columns.values()), {})
-    card_values = {"roc_auc": first.get("roc_auc"), "balanced_accuracy": first.get("balanced_accuracy"),
-                   "sensitivity": first.get("sensitivity", op["sensitivity"]),
-                   "specificity": first.get("specificity", op["specificity"]),
-                   "pr_auc": first.get("pr_auc"), "f1": first.get("f1")}
+    from ._metrics import binary_metrics
+
+    card_values = binary_metrics(y, pred, s, classes)  # the plotted rows' own numbers
     cards = "".join(f"<div class=card><b>{_esc(_fmt(card_values[k]))}</b><span>{_esc(label)}</span></div>"
                     for k, label in _CARD_METRICS if card_values.get(k) is not None)
     n_pos = int(np.sum(y == 1))
@@ -493,7 +515,7 @@ def write_report(
         f"<style>{_CSS}</style></head><body><main>",
         f"<h1>{_esc(title)}</h1>",
         f"<p class=sub>{len(y)} evaluated images ({n_pos} {_esc(classes[1])}, {len(y) - n_pos} {_esc(classes[0])}) · "
-        f"threshold {threshold:.2f} · written {_esc(time.strftime('%Y-%m-%d %H:%M'))}</p>",
+        f"{_esc(rule)} · written {_esc(time.strftime('%Y-%m-%d %H:%M'))}</p>",
         "".join(f"<div class=note>{_esc(n)}</div>" for n in notes),
         f"<div class=cards>{cards}</div>",
         "<h2>Summary</h2><table>",
@@ -505,7 +527,7 @@ def write_report(
     parts.append("<h2>Plots</h2><div class=grid>")
     for name, caption, css in figures:
         if css == "wide":
-            parts.append("</div><h2>Held-out radiographs, worst errors first</h2><div class=grid>")
+            parts.append("</div><h2>Radiographs, worst errors first</h2><div class=grid>")
         parts.append(f"<figure class='{css}'><img src='{_esc(name)}' alt='{_esc(name)}'>"
                      f"<figcaption>{_esc(caption)}</figcaption></figure>")
     parts.append("</div><p class=sub>Files: <a href=metrics.json>metrics.json</a>"
@@ -516,3 +538,147 @@ def write_report(
     tmp.write_text("".join(parts), encoding="utf-8")
     os.replace(tmp, page)
     return page
+
+
+# -- a model on data -------------------------------------------------------------------------------
+
+def decision_threshold(pipeline) -> float | None:
+    """The threshold on P(fractured) a Pipeline from :func:`fit` keeps, or None when it has none."""
+    last = pipeline.steps[-1][1] if hasattr(pipeline, "steps") else pipeline
+    value = getattr(last, "threshold", None) if type(last).__name__ == "FixedThresholdClassifier" else None
+    return float(value) if isinstance(value, (int, float, np.floating)) else None
+
+
+def _changed_params(estimator) -> dict:
+    """Parameters that differ from the estimator's defaults (what tuning chose)."""
+    try:
+        defaults = type(estimator)().get_params(deep=False)
+    except TypeError:  # needs constructor arguments
+        defaults = {}
+    return {k: v for k, v in estimator.get_params(deep=False).items()
+            if k not in defaults or repr(defaults[k]) != repr(v)}
+
+
+def describe_model(pipeline) -> dict:
+    """Summary-table rows of a fitted Pipeline: extractor, training store version, steps, classifier."""
+    from ._metrics import _split_feature_step
+
+    deep, head = _split_feature_step(pipeline)
+    out = {}
+    if deep is not None:
+        cfg = deep.config_
+        out["backbone"] = f"{cfg.backbone}, {cfg.image_size} px, {cfg.pooling} pooling ({cfg.precision}, {cfg.runtime})"
+        kind, _, digest = cfg.weights.partition(":")
+        out["weights"] = f"{kind} {digest[:19]}…" if len(digest) > 20 else cfg.weights
+        trained = getattr(deep, "trained_on_", None) or {}
+        if trained.get("version") is not None:
+            out["trained on store version"] = f"{trained.get('store')} v{trained['version']}"
+    steps = getattr(head, "steps", [("classifier", head)])
+    out["pipeline"] = " → ".join(
+        f"{name}: {est if isinstance(est, str) or est is None else type(est).__name__}"
+        for name, est in ([("features", deep)] if deep is not None else []) + list(steps))
+    clf = steps[-1][1]
+    if type(clf).__name__ == "FixedThresholdClassifier":
+        clf = clf.estimator
+    out["classifier"] = type(clf).__name__
+    params = {}
+    for name, est in steps:
+        if est is None or isinstance(est, str):
+            continue
+        inner = est.estimator if type(est).__name__ == "FixedThresholdClassifier" else est
+        for k, v in _changed_params(inner).items():
+            params[k if est is steps[-1][1] else f"{name}__{k}"] = v
+    out["parameters"] = params
+    threshold = decision_threshold(pipeline)
+    out["decision threshold"] = "the classifier's own rule" if threshold is None else f"{threshold:.4f} on P(fractured)"
+    return out
+
+
+def describe_fit(result) -> dict:
+    """Summary-table rows of a :class:`fracfeat.FitResult`: how tuning went."""
+    trials = result.trials
+    rows = {
+        "tuning": (f"{trials.get('complete', 0) + trials.get('pruned', 0)} Optuna trials "
+                   f"({trials.get('complete', 0)} complete, {trials.get('pruned', 0)} pruned, "
+                   f"{trials.get('fail', 0)} failed) over {result.cv_folds}-fold "
+                   f"{'grouped ' if result.grouped else ''}CV on {result.n_train} images"),
+        f"best CV {result.scoring}": result.cv_score,
+        "best trial parameters": dict(result.best_params),
+    }
+    for split, value in result.scores.items():
+        if split != "cv" and value is not None:
+            rows[f"{split} {result.scoring} (after tuning)"] = value
+    return rows
+
+
+def report(model, features_or_source, out_dir, *, version="latest", study=None, split=None, summary=None,
+           title: str = "fracfeat report", notes=(), n_samples: int = 24):
+    """Evaluate ``model`` on labeled data and write the HTML report page.
+
+    Parameters
+    ----------
+    model : Pipeline, FitResult, or path to a joblib file
+        A FitResult also brings its Optuna study and tuning summary.
+    features_or_source : FeatureSet, FeatureStore, store directory, or image source
+        As for :func:`fracfeat.evaluate`.
+    out_dir : str or Path
+        Folder of ``index.html``, its PNGs, ``metrics.json`` and ``predictions.csv``.
+    version : int or "latest"
+        Store version, when the data is a store.
+    study : optuna.Study, optional
+        Adds the optimization history and parameter importances.
+    split : str, optional
+        The split the plots show; by default "test", else "val", else every image. The metrics table
+        always has a column per split.
+    summary : dict, optional
+        Extra rows for the summary table.
+    title : str
+    notes : sequence of str
+        Warnings shown at the top of the page.
+    n_samples : int
+        Radiographs in the sample grid.
+
+    Returns
+    -------
+    (Path, dict)
+        The page written, and :func:`fracfeat.evaluate`'s ``{split: metrics}``.
+
+    Examples
+    --------
+    >>> from fracfeat import report
+    >>> page, metrics = report("model.joblib", "data/test_folder", "report/")   # doctest: +SKIP
+    """
+    from ._errors import ConfigError
+    from ._metrics import _pipeline_of, metrics_by_split, predict_rows
+
+    fit_result = model if hasattr(model, "pipeline") and hasattr(model, "study") else None
+    pipeline = _pipeline_of(model)
+    if study is None and fit_result is not None:
+        study = fit_result.study
+    rows = predict_rows(pipeline, features_or_source, version=version)
+    metrics = metrics_by_split(rows)
+    if split is None:
+        split = next((s for s in ("test", "val", "held-out") if s in metrics), next(iter(metrics)))
+    if split not in metrics:
+        raise ConfigError(f"split={split!r}: the data has {list(metrics)}")
+    mask = np.ones(len(rows.y), bool) if split == "all" else rows.splits == split
+    shown = metrics[split]
+    data = features_or_source
+    if isinstance(data, FeatureSet):
+        data = f"rows of store {data.store} v{data.version}" if data.version is not None else "a feature set"
+    elif not isinstance(data, (str, os.PathLike)):
+        data = f"{len(data)} images"
+    evaluated = (f"{data}: {'every image' if split == 'all' else f'split {split!r}'}, {shown['n']} images "
+                 f"({shown['n_positive']} {rows.classes[1]}), {shown['n_failed']} unreadable")
+    # Data first, then the model, then how it was tuned; the caller's rows win.
+    table = {**(summary or {}), "evaluated on": evaluated, **describe_model(pipeline),
+             **(describe_fit(fit_result) if fit_result is not None else {}), **(summary or {})}
+    if "store version" in table:
+        table.pop("trained on store version", None)
+    page = write_report(
+        out_dir, y_true=rows.y[mask], scores=rows.score[mask], y_pred=rows.pred[mask],
+        threshold=decision_threshold(pipeline), paths=rows.paths[mask], study=study, classes=rows.classes,
+        summary=table, metrics=metrics, scoring=getattr(fit_result, "scoring", None), title=title, notes=notes,
+        n_samples=n_samples,
+    )
+    return page, metrics

@@ -68,7 +68,8 @@ def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | Non
                         "and max (default: 1, the whole image once)")
     g.add_argument("--scales", default=None, metavar="S1,S2",
                    help="multi-scale: concatenate features at these input sizes, e.g. 224,448")
-    g.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default: 32)")
+    g.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images per forward pass (default: chosen for the hardware)")
     g.add_argument("--precision", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     g.add_argument("--runtime", default="auto", help="auto, keras or openvino (default: auto)")
     g.add_argument("--truncated", default="read", choices=("read", "reject"),
@@ -173,6 +174,147 @@ def cmd_store_verify(args) -> int:
     return 0
 
 
+# -- fit / evaluate / predict / run ------------------------------------------------------------------
+
+def _add_tuning_options(p: argparse.ArgumentParser, *, classifier: str, threshold: str | None) -> None:
+    g = p.add_argument_group("tuning")
+    g.add_argument("--classifier", default=classifier,
+                   help=f"logreg, svm, xgboost, or auto (searches the three) (default: {classifier})")
+    g.add_argument("--trials", type=int, default=50, metavar="N", help="Optuna trials (default: 50)")
+    g.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
+    g.add_argument("--cv", type=int, default=5, metavar="K", help="cross-validation folds (default: 5)")
+    g.add_argument("--scoring", default="roc_auc", help="scikit-learn scorer to maximize (default: roc_auc)")
+    g.add_argument("--seed", type=int, default=0, help="seeds sampler, folds and classifiers (default: 0)")
+    g.add_argument("--threshold", default=threshold,
+                   help="decision threshold chosen on the training folds: balanced_accuracy, sensitivity:0.9, "
+                        f"or none for the classifier's own rule (default: {threshold or 'none'})")
+    g.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage URL, e.g. sqlite:///study.db (with --study-name, resumes a study)")
+    g.add_argument("--study-name", default=None, help="name of the study in --storage")
+
+
+def _tuning_kwargs(args) -> dict:
+    threshold = None if str(args.threshold).lower() in ("none", "") else args.threshold
+    return dict(classifier=args.classifier, n_trials=args.trials, timeout=args.timeout, cv=args.cv,
+                scoring=args.scoring, seed=args.seed, threshold=threshold, storage=args.storage,
+                study_name=args.study_name, progress=not args.quiet)
+
+
+def _save_model(pipeline, path) -> None:
+    import joblib
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    joblib.dump(pipeline, tmp)
+    os.replace(tmp, path)  # a killed save never leaves half a model under the final name
+
+
+_SHOWN_METRICS = ("n", "roc_auc", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "pr_auc")
+
+
+def _print_metrics(metrics: dict) -> None:
+    """A metric-by-split table on stdout."""
+    from ._report import _fmt
+
+    splits = list(metrics)
+    print("metric".ljust(18) + "".join(s.rjust(10) for s in splits))
+    for key in _SHOWN_METRICS:
+        values = [metrics[s].get(key) for s in splits]
+        print(key.ljust(18) + "".join(("n/a" if v is None else _fmt(v)).rjust(10) for v in values))
+
+
+def cmd_fit(args) -> int:
+    from . import fit
+
+    path, version = split_store_ref(args.store)
+    store = open_store(path)
+    result = fit(store, version=version, **_tuning_kwargs(args))
+    _save_model(result.pipeline, args.out)
+    held = "  ".join(f"{k} {result.scoring} {v:.4f}" for k, v in result.scores.items() if k != "cv" and v is not None)
+    print(f"{result.classifier}: CV {result.scoring} {result.cv_score:.4f}{'  ' + held if held else ''}  "
+          f"({result.trials.get('complete', 0)} trials complete, {result.trials.get('pruned', 0)} pruned; "
+          f"trained on {path} v{result.version}, {result.n_train} images)")
+    print(f"best parameters: {json.dumps(result.best_params, default=str)}")
+    if result.threshold is not None:
+        print(f"decision threshold: {result.threshold:.4f}")
+    print(f"model: {args.out}")
+    return 0
+
+
+def _data_arg(text: str):
+    """A store reference (``DIR[@VERSION]`` of an existing store) or an image source, as evaluate takes it."""
+    from . import FeatureStore
+
+    path, version = split_store_ref(text)
+    if FeatureStore(path).exists():
+        return path, version
+    return text, "latest"
+
+
+def cmd_evaluate(args) -> int:
+    from . import evaluate, load_model
+
+    model = load_model(args.model)
+    data, version = _data_arg(args.data)
+    if args.report:
+        from . import report
+
+        study = None
+        if args.storage:
+            import optuna
+
+            study = optuna.load_study(study_name=args.study_name, storage=args.storage)
+        page, metrics = report(model, data, args.report, version=version, study=study, split=args.split,
+                               title=f"fracfeat evaluation of {os.path.basename(args.model)}")
+        log.info("report: %s", page)
+    else:
+        metrics = evaluate(model, data, version=version)
+    if args.json:
+        _print_json(metrics)
+    else:
+        _print_metrics(metrics)
+        if args.report:
+            print(f"report: {os.path.join(args.report, 'index.html')}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from . import load_model
+
+    pipeline = load_model(args.model)
+    paths = [os.fspath(p) for p in args.images]
+    proba = pipeline.predict_proba(paths)[:, 1]
+    labels = pipeline.predict(paths)
+    names = ("not_fractured", "fractured")
+    rows = [{"path": p, "probability": round(float(q), 6), "label": names[int(k)]}
+            for p, q, k in zip(paths, proba, labels)]
+    if args.format == "json":
+        _print_json(rows)
+    else:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "probability", "label"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import run
+
+    extract_kwargs = _extract_kwargs(args)
+    extract_kwargs.pop("progress")
+    result = run(args.source, args.out, store=args.store, test_size=args.test_size, **extract_kwargs,
+                 **_tuning_kwargs(args))
+    print(f"held out: {result.holdout}")
+    _print_metrics(result.metrics)
+    print(f"model: {result.model_path}")
+    print(f"report: {result.report_path}")
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------------
 
 def _json_option(p: argparse.ArgumentParser) -> None:
@@ -234,6 +376,46 @@ def build_parser() -> argparse.ArgumentParser:
         for add_option in options:
             add_option(q)
         q.set_defaults(func=func)
+    p = sub.add_parser("fit", parents=[common], help="tune a classifier on a store version with Optuna; save it",
+                       description="Tune a classifier on the labeled rows of a store version (grouped CV when the "
+                                   "rows have groups; train split only when they have splits) and save the "
+                                   "fitted Pipeline, which predicts from image paths.")
+    p.add_argument("store", metavar="STORE[@VERSION]", help="feature store folder, optionally @version (default: latest)")
+    p.add_argument("--out", required=True, metavar="MODEL", help="where to save the model (.joblib)")
+    _add_tuning_options(p, classifier="logreg", threshold=None)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("evaluate", parents=[common], help="metrics (and an HTML report) of a model on labeled data",
+                       description="Score a saved model on labeled images or store rows: per-split metrics, and "
+                                   "with --report an HTML page of plots.")
+    p.add_argument("model", help="model file (.joblib)")
+    p.add_argument("data", metavar="SOURCE|STORE[@VERSION]",
+                   help="labeled image source (folder, CSV) or a feature store made with the model's extractor")
+    p.add_argument("--report", metavar="DIR", default=None, help="write DIR/index.html with plots")
+    p.add_argument("--split", default=None, help="split the report's plots show (default: test, else val, else all)")
+    p.add_argument("--storage", default=None, metavar="URL", help="Optuna storage of the tuning study (adds its plots)")
+    p.add_argument("--study-name", default=None, help="the study's name in --storage")
+    _json_option(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", parents=[common], help="probability of a fracture for each image",
+                       description="Print path, probability of a fracture, and predicted label of each image.")
+    p.add_argument("model", help="model file (.joblib)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: csv)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("run", parents=[common], help="the main job: extract, tune, evaluate on held-out images, report",
+                       description="Extract features of SOURCE, tune a classifier on the training images, "
+                                   "evaluate it on held-out images (the source's test split, else a grouped "
+                                   "stratified hold-out), and save OUT/model.joblib and OUT/report/index.html.")
+    p.add_argument("source", help="labeled images: class folders, train/val/test folders, or a CSV manifest")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    _add_extract_options(p, store_default=None)
+    p.add_argument("--store", default=None, help="feature store folder (default: OUT/store)")
+    _add_tuning_options(p, classifier="auto", threshold="balanced_accuracy")
+    p.add_argument("--test-size", type=float, default=0.2, help="share held out when the source has no test split")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
