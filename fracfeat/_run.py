@@ -140,7 +140,6 @@ def run(
     from ._report import report
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     store = out / "store" if store is None else store
     fs = extract(source, backbone=backbone, store=store, weights=weights, image_size=image_size, pooling=pooling,
                  batch_size=batch_size, precision=precision, runtime=runtime, progress=progress)
@@ -159,6 +158,7 @@ def run(
     log.info("tuning on %d images, holding out %s", len(train), how)
     result = fit(train, classifier=classifier, n_trials=n_trials, timeout=timeout, cv=cv, scoring=scoring, seed=seed,
                  threshold=threshold, storage=storage, study_name=study_name, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.joblib"
     tmp = out / ".model.joblib.tmp"
     joblib.dump(result.pipeline, tmp)

@@ -151,3 +151,104 @@ def test_import_of_cli_stays_light(python, subprocess_env):
             "print(heavy)")
     r = subprocess.run([python, "-c", code], env=subprocess_env, capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stderr
+
+
+TUNE_ARGS = ["--classifier", "logreg", "--trials", "3", "--cv", "2"]
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory, real_images):
+    """`fracfeat run` once on 6 + 6 real radiographs (tiny settings); later tests reuse its output."""
+    import os
+    import shutil
+    import sys
+
+    from conftest import REPO
+
+    root = tmp_path_factory.mktemp("job")
+    data = root / "dataset"
+    for label, paths in real_images.items():
+        (data / label).mkdir(parents=True)
+        for p in paths:
+            shutil.copy(p, data / label / p.name)
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    out = root / "out"
+    r = fracfeat(sys.executable, env, "run", data, "--out", out, *TINY_ARGS, *TUNE_ARGS, "--quiet")
+    return {"result": r, "data": data, "out": out, "env": env, "python": sys.executable}
+
+
+@pytest.mark.slow
+def test_run_makes_model_and_report(main_job):
+    r, out = main_job["result"], main_job["out"]
+    assert r.returncode == 0, r.stderr
+    assert "held out: a " in r.stdout and "held-out" in r.stdout and "roc_auc" in r.stdout
+    assert (out / "model.joblib").is_file() and (out / "store" / "fracfeat-store.json").is_file()
+    page = (out / "report" / "index.html").read_text()
+    for png in ("confusion_matrix", "roc", "precision_recall", "score_distribution", "optimization_history",
+                "param_importances", "samples"):
+        assert f"{png}.png" in page and (out / "report" / f"{png}.png").stat().st_size > 1000
+    # a folder of class folders has no groups: the page and the log say the hold-out is not grouped
+    assert "no groups" in page and "no groups" in r.stderr
+    assert "Traceback" not in r.stderr
+    metrics = json.loads((out / "report" / "metrics.json").read_text())["metrics"]
+    assert list(metrics) == ["held-out"] and metrics["held-out"]["n"] >= 2
+
+
+@pytest.mark.slow
+def test_fit_evaluate_predict(main_job, tmp_path):
+    python, env, out, data = main_job["python"], main_job["env"], main_job["out"], main_job["data"]
+    assert main_job["result"].returncode == 0
+    model = tmp_path / "models" / "m.joblib"
+    r = fracfeat(python, env, "fit", f"{out / 'store'}@1", "--out", model, *TUNE_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert "CV roc_auc" in r.stdout and f"model: {model}" in r.stdout and model.is_file()
+    assert "3/3" in r.stderr  # tuning progress: trial n of N
+
+    r = fracfeat(python, env, "evaluate", model, out / "store", "--report", tmp_path / "report", "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    assert metrics["all"]["n"] == 12 and 0.0 <= metrics["all"]["roc_auc"] <= 1.0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "samples.png" in page and "optimization_history.png" not in page  # no study given
+
+    # the same model on the images themselves (the Pipeline extracts them) gives the same metrics
+    r = fracfeat(python, env, "evaluate", model, data, "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split() == ["metric", "all"]
+    roc_line = next(line for line in r.stdout.splitlines() if line.startswith("roc_auc"))
+    assert float(roc_line.split()[1]) == pytest.approx(metrics["all"]["roc_auc"], abs=1e-3)
+
+    images = sorted((data / "fractured").iterdir())[:2]
+    r = fracfeat(python, env, "predict", model, *images, "--format", "json", "-q")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["path"] for row in rows] == [str(p) for p in images]
+    assert all(0.0 <= row["probability"] <= 1.0 and row["label"] in ("fractured", "not_fractured") for row in rows)
+    r = fracfeat(python, env, "predict", model, *images, "-q")
+    lines = r.stdout.splitlines()
+    assert lines[0] == "path,probability,label" and len(lines) == 3
+
+
+@pytest.mark.slow
+def test_fit_and_evaluate_user_errors(main_job, tmp_path, class_folder):
+    from fracfeat import extract
+
+    python, env, out = main_job["python"], main_job["env"], main_job["out"]
+    tiny = dict(backbone="vgg16", weights=None, image_size=32, progress=False)
+    paths = sorted(str(p) for p in class_folder.rglob("*.jpg"))
+    extract(paths, store=tmp_path / "unlabeled", **tiny)
+    assert_user_error(fracfeat(python, env, "fit", tmp_path / "unlabeled", "--out", tmp_path / "m.joblib",
+                               *TUNE_ARGS), "labeled")
+    assert not (tmp_path / "m.joblib").exists()
+    # a store made with other extractor settings than the model's
+    extract(class_folder, store=tmp_path / "maxpool", pooling="max", **tiny)
+    assert_user_error(fracfeat(python, env, "evaluate", out / "model.joblib", tmp_path / "maxpool"),
+                      "another extractor")
+    assert_user_error(fracfeat(python, env, "predict", tmp_path / "missing.joblib", paths[0]),
+                      "missing.joblib", "not found")
+    (tmp_path / "junk.joblib").write_text("not a model")
+    assert_user_error(fracfeat(python, env, "evaluate", tmp_path / "junk.joblib", out / "store"), "junk.joblib")
+    assert_user_error(fracfeat(python, env, "fit", tmp_path / "nostore", "--out", tmp_path / "m.joblib"),
+                      "no feature store")
+    assert_user_error(fracfeat(python, env, "run", tmp_path / "nofolder", "--out", tmp_path / "o", *TINY_ARGS),
+                      "does not exist")
