@@ -240,29 +240,45 @@ def plot_optimization_history(study, scoring: str | None = None):
     return fig
 
 
-def param_importances(study) -> dict:
-    """fANOVA importance of each parameter (seeded), or {} when the study cannot support one."""
+def param_importances(study) -> tuple[dict, str]:
+    """fANOVA importance of each parameter (seeded), and which trials it covers.
+
+    When the study searched several classifier families (fit's "auto"), fANOVA can only weigh the
+    parameters every trial has (the family itself), so the importances are computed over the best
+    family's trials instead. Returns ``({}, reason)`` when the trials cannot support an estimate.
+    """
     import optuna
 
     complete = _trials(study, (optuna.trial.TrialState.COMPLETE,))
+    scope = "all completed trials"
+    if len({str(t.params.get("classifier")) for t in complete}) > 1:
+        best = study.best_trial.params.get("classifier")
+        family = [t for t in complete if t.params.get("classifier") == best]
+        if len(family) >= 2:
+            sub = optuna.create_study(direction=study.direction)
+            sub.add_trials(family)
+            study, complete, scope = sub, family, f"the {len(family)} {best} trials (best family)"
     if len(complete) < 2:
-        return {}
+        return {}, "needs at least 2 completed trials"
+    shared = set.intersection(*(set(t.params) for t in complete))
+    varying = sorted(k for k in shared if len({repr(t.params[k]) for t in complete}) > 1)
+    if not varying:
+        return {}, "the trials' parameters do not vary"
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, params=varying)), scope
     except (RuntimeError, ValueError) as e:  # e.g. every trial had the same parameters
         log.debug("parameter importances unavailable: %s", e)
-        return {}
+        return {}, "the trials' parameters do not vary enough"
 
 
 def plot_param_importances(study):
     """Horizontal bars of each hyperparameter's share of the score's variance (fANOVA)."""
-    importances = param_importances(study)
+    importances, scope = param_importances(study)
     fig = _figure(6.0, max(2.2, 0.45 * len(importances) + 1.2))
     ax = fig.add_subplot()
     if not importances:
-        ax.text(0.5, 0.5, "needs at least 2 completed trials with varying parameters", ha="center",
-                va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no importances: {scope}", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return fig
     names = list(importances)[::-1]
@@ -272,7 +288,7 @@ def plot_param_importances(study):
         ax.text(v, k, f" {v:.2f}", va="center", fontsize=9)
     ax.set_xlim(0, max(values) * 1.18 or 1)
     ax.set_xlabel("importance (fANOVA)")
-    ax.set_title("Hyperparameter importances")
+    ax.set_title(f"Hyperparameter importances\nover {scope}", fontsize=10)
     return fig
 
 

@@ -78,13 +78,6 @@ def run(
     source,
     out,
     *,
-    backbone: str = "vgg16",
-    weights="imagenet",
-    image_size: int | None = None,
-    pooling: str = "avg",
-    batch_size: int | None = None,
-    precision: str = "auto",
-    runtime: str = "auto",
     store=None,
     classifier: str = "auto",
     n_trials: int = 50,
@@ -97,6 +90,7 @@ def run(
     storage=None,
     study_name: str | None = None,
     progress: bool = True,
+    **extract_options,
 ) -> RunResult:
     """Extract features of ``source``, tune a classifier, evaluate it on held-out images, save model and report.
 
@@ -110,8 +104,6 @@ def run(
         Labeled images, as :func:`fracfeat.extract` takes them.
     out : str or Path
         Output folder: ``model.joblib``, ``report/index.html`` and (unless ``store`` is given) ``store/``.
-    backbone, weights, image_size, pooling, batch_size, precision, runtime
-        Extraction settings, as for :func:`fracfeat.extract`.
     store : str or Path, optional
         Feature store folder (default ``OUT/store``); a shared store reuses features across runs.
     classifier, n_trials, timeout, cv, scoring, seed, threshold, storage, study_name
@@ -122,6 +114,9 @@ def run(
         Share of images held out when the source has no test split.
     progress : bool
         Progress bars for extraction and tuning.
+    **extract_options
+        Extraction settings, as :func:`fracfeat.extract` takes them: ``backbone``, ``weights``,
+        ``image_size``, ``pooling``, ``batch_size``, ``precision``, ``runtime``, ``class_map``...
 
     Returns
     -------
@@ -141,8 +136,7 @@ def run(
 
     out = Path(out)
     store = out / "store" if store is None else store
-    fs = extract(source, backbone=backbone, store=store, weights=weights, image_size=image_size, pooling=pooling,
-                 batch_size=batch_size, precision=precision, runtime=runtime, progress=progress)
+    fs = extract(source, store=store, progress=progress, **extract_options)
     labeled = fs.labeled()
     if labeled.y is None or len(np.unique(labeled.y)) < 2:
         raise ConfigError(f"run needs labeled images of both classes; {fs!r} has "
@@ -171,7 +165,7 @@ def run(
         "model file": str(model_path),
     }
     page, metrics = report(result, held, out / "report", summary=summary, notes=notes,
-                           title=f"fracfeat: {fs.provenance.get('backbone', backbone)} features, "
+                           title=f"fracfeat: {fs.provenance.get('backbone')} features, "
                                  f"{result.classifier} classifier")
     log.info("model: %s; report: %s", model_path, page)
     return RunResult(model_path=model_path, report_path=page, metrics=metrics, holdout=how, fit=result, features=fs)

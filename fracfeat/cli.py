@@ -304,10 +304,8 @@ def cmd_predict(args) -> int:
 def cmd_run(args) -> int:
     from . import run
 
-    extract_kwargs = _extract_kwargs(args)
-    extract_kwargs.pop("progress")
-    result = run(args.source, args.out, store=args.store, test_size=args.test_size, **extract_kwargs,
-                 **_tuning_kwargs(args))
+    options = {**_extract_kwargs(args), **_tuning_kwargs(args)}  # both carry progress=
+    result = run(args.source, args.out, store=args.store, test_size=args.test_size, **options)
     print(f"held out: {result.holdout}")
     _print_metrics(result.metrics)
     print(f"model: {result.model_path}")

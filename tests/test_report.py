@@ -56,7 +56,13 @@ def test_mismatched_lengths_are_refused():
 
 def test_importances_need_two_trials():
     study = small_study(n_trials=1)
-    assert param_importances(study) == {}
+    assert param_importances(study)[0] == {}
+
+
+def test_importances_of_a_multi_family_study_cover_the_best_family():
+    study = small_study(n_trials=12)
+    importances, scope = param_importances(study)
+    assert "svm trials" in scope and set(importances) == {"C"}
 
 
 @pytest.mark.slow
