@@ -102,6 +102,18 @@ def tuned(classifier: str, args):
     return fit_fold
 
 
+def with_progress(method: str, fit_fold, n_folds: int):
+    done = []
+
+    def fit_and_say(train):
+        t = time.perf_counter()
+        out = fit_fold(train)
+        done.append(1)
+        print(f"#   {method}: fold {len(done)}/{n_folds} trained in {time.perf_counter() - t:.0f}s", flush=True)
+        return out
+    return fit_and_say
+
+
 def fmt(m: dict) -> str:
     return f"{m['value']:.3f} ({m['low']:.3f}-{m['high']:.3f})"
 
@@ -122,7 +134,9 @@ def markdown(results: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--store", type=Path)
+    ap.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                    help="only print one Markdown table from result files of earlier runs (e.g. run side by side)")
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from: {', '.join(METHODS)}")
     ap.add_argument("--trials", type=int, default=30, help="Optuna trials per outer fold")
@@ -135,6 +149,14 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-missing", action="store_true", help="skip methods whose features are not in the store")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "accuracy.json")
     args = ap.parse_args(argv)
+    if args.table:
+        for path in args.table:
+            report = json.loads(path.read_text())
+            print(f"<!-- {path.name}: {report['command']} (wall {report['wall_seconds']:.0f}s) -->")
+        print(markdown([r for path in args.table for r in json.loads(path.read_text())["results"]]))
+        return 0
+    if args.store is None:
+        ap.error("--store is required (or --table to print earlier results)")
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -165,6 +187,7 @@ def main(argv=None) -> int:
             feature_sets[ex] = fs
         fs = feature_sets[ex]
         fit_fold = seed_baseline if clf == "seed-lr" else tuned(clf, args)
+        fit_fold = with_progress(method, fit_fold, args.folds)
         print(f"# {method}: {len(fs)} images x {fs.n_features} features ...", flush=True)
         oof = out_of_fold(fs, fit_fold, folds)
         ci = bootstrap_ci(oof.y, oof.score, oof.pred, oof.groups, n_boot=args.n_boot, seed=args.seed)
