@@ -499,7 +499,8 @@ def write_report(
     if study is not None:
         add("optimization_history.png", plot_optimization_history(study, scoring),
             "Cross-validated score of each Optuna trial (colour: classifier family when several were searched); "
-            "the line is the best so far.")
+            "the line is the best so far. Grey crosses: pruned trials, at their running mean over the folds "
+            "done when they were stopped.")
         add("param_importances.png", plot_param_importances(study),
             "Which hyperparameters moved the cross-validated score (fANOVA over completed trials).")
     n_wrong = op["fp"] + op["fn"]
