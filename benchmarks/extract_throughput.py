@@ -8,7 +8,10 @@ For each backbone, on the same FracAtlas JPEGs, in one run:
   repeat, default settings: "auto" precision/runtime, engine-chosen batch size), model setup included;
 - ``forward``: forward-only on already decoded uint8 batches, for float32 Keras and every other path
   asked for (default: float32 OpenVINO and whatever "auto" picks), to show what decoding and I/O cost;
-- ``decode``: fracfeat's decode pipeline alone (threads, JPEG draft mode).
+- ``decode``: fracfeat's decode pipeline alone (threads, JPEG draft mode);
+- ``roofline``: GFLOP per image of each backbone and the float32 GEMM rate this machine sustains
+  (``roofline.py``), so each forward path also reports the share of that ceiling it reaches and the
+  images/s the ceiling allows at all (on a GPU: the share of its nominal tensor-core peak).
 
 Medians over repeats, ratios against the baseline. Peak RSS of a whole ``extract`` run is measured in a
 child process per size (``--rss 400,4000``), reading its VmHWM, to show memory stays flat.
@@ -39,12 +42,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 SHARED = Path(os.environ.get("FRACFEAT_SHARED", REPO.parent / "shared")).resolve()
 FRACATLAS = SHARED / "data" / "fracatlas"
 VGG16_WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
 
 import numpy as np  # noqa: E402
+from roofline import cpu_matmul_gflops, gflop_per_image, gpu_peak_tflops  # noqa: E402
 
 
 def image_paths(n: int) -> list[str]:
@@ -162,6 +166,16 @@ def bench_forward(backbone: str, pixels: np.ndarray, path: tuple[str, str], repe
     return out
 
 
+def compute_ceiling() -> tuple[float | None, str | None]:
+    """(GFLOP/s, what it is): a known GPU's nominal tensor-core peak, else this CPU's measured float32 GEMM."""
+    from fracfeat._engine import has_gpu
+
+    if has_gpu():
+        gpu = gpu_peak_tflops()
+        return (gpu[1] * 1000, f"{gpu[0]} nominal dense bf16/fp16 peak") if gpu else (None, None)
+    return cpu_matmul_gflops(), f"float32 GEMM measured on {os.cpu_count()} CPU cores"
+
+
 def peak_rss_kb() -> int:
     """This process's peak resident set size in kB.
 
@@ -240,6 +254,10 @@ def main(argv=None) -> None:
         "n_images": args.n, "baseline_n_images": args.baseline_n, "repeats": args.repeats, "backbones": {},
     }
     print(f"load average {result['load_avg_start']}; {args.n} images, {args.repeats} repeats", flush=True)
+    peak_gflops, peak_name = compute_ceiling() if args.backbones else (None, None)
+    if peak_gflops:
+        result["roofline"] = {"ceiling": peak_name, "gflop_per_s": round(peak_gflops, 1)}
+        print(f"ceiling: {peak_name} {peak_gflops:.0f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="fracfeat-bench-") as tmp:
         work = Path(tmp)
         for backbone in [b for b in args.backbones.split(",") if b]:
@@ -253,6 +271,7 @@ def main(argv=None) -> None:
             pixels, r["decode"] = decoded_batch(backbone, paths, args.repeats)
             print(f"  decode only           {r['decode']['images_per_s']:7.2f} img/s", flush=True)
             r["forward"] = {}
+            r["gflop_per_image"] = round(gflop_per_image(backbone), 3)
             for spec in args.paths.split(","):
                 fwd = bench_forward(backbone, pixels, tuple(spec.split(":")), args.repeats, args.batch_size)
                 key = f"{fwd['precision']}/{fwd['runtime']}"
@@ -261,7 +280,15 @@ def main(argv=None) -> None:
                 if key in r["forward"]:
                     continue
                 r["forward"][key] = fwd
-                print(f"  forward {key:17s} {fwd['images_per_s']:7.2f} img/s", flush=True)
+                share = ""
+                if peak_gflops:
+                    fwd["share_of_ceiling"] = round(fwd["images_per_s"] * r["gflop_per_image"] / peak_gflops, 3)
+                    share = f" ({fwd['share_of_ceiling']:.0%} of the ceiling)"
+                print(f"  forward {key:17s} {fwd['images_per_s']:7.2f} img/s{share}", flush=True)
+            if peak_gflops:
+                r["ceiling_images_per_s"] = round(peak_gflops / r["gflop_per_image"], 1)
+                print(f"  ceiling at {r['gflop_per_image']:.2f} GFLOP/image {r['ceiling_images_per_s']:7.2f} img/s",
+                      flush=True)
             base = r["baseline"]["images_per_s"]
             r["ratios_vs_baseline"] = {"extract": round(r["extract"]["images_per_s"] / base, 2),
                                        **{f"forward {k}": round(v["images_per_s"] / base, 2) for k, v in r["forward"].items()}}
