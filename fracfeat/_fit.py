@@ -17,6 +17,7 @@ import numpy as np
 from ._classifiers import SearchContext, check_classifier, suggest_steps
 from ._errors import ConfigError
 from ._featureset import FeatureSet
+from ._presets import check_features, preset_defaults
 
 log = logging.getLogger("fracfeat")
 
@@ -227,9 +228,11 @@ def _make_study(study, storage, study_name, sampler, pruner, seed, tag: dict):
     return study
 
 
+@preset_defaults("fit")
 def fit(
     features,
     *,
+    preset=None,
     classifier: str = "logreg",
     n_trials: int = 50,
     timeout: float | None = None,
@@ -257,6 +260,10 @@ def fit(
         Labeled feature rows (from :func:`extract` or a store version). Unlabeled rows are ignored.
         When rows carry train/val/test splits, tuning and the kept model see the train rows only;
         val and test are scored once at the end.
+    preset : str or Preset, optional
+        A named preset (:func:`fracfeat.presets`): its tuning settings fill every one this call does not
+        pass (keywords given win), and ``features`` must have been extracted with its extractor settings
+        (ConfigError naming the setting that differs otherwise).
     classifier : {"logreg", "svm", "xgboost", "auto"}
         "auto" searches the three families in one study.
     n_trials : int
@@ -318,6 +325,8 @@ def fit(
     t_start = time.perf_counter()
     classifier, scorer = check_tuning(classifier, n_trials, cv, scoring, threshold)
     fs = as_feature_set(features, version)
+    if preset is not None:
+        check_features(preset, fs.provenance)
     data = fs.labeled()
     if data.y is None or len(np.unique(data.y)) < 2:
         raise ConfigError(f"fit needs labeled images of both classes; {fs!r} has "
