@@ -2,7 +2,7 @@
 
 Public API (everything else lives in private modules)::
 
-    from fracfeat import extract, fit, evaluate, report, run, load_model, FeatureStore, FeatureSet, DeepFeatures
+    from fracfeat import extract, fit, evaluate, report, run, load_model, presets, FeatureStore, FeatureSet, DeepFeatures
 
 Importing fracfeat is cheap: TensorFlow/Keras, XGBoost, Optuna and matplotlib load only when used.
 """
@@ -21,6 +21,7 @@ from ._extract import extract
 from ._featureset import FeatureSet
 from ._fit import FitResult, fit
 from ._metrics import METRIC_KEYS, evaluate, load_model
+from ._presets import Preset, presets
 from ._report import report
 from ._run import RunResult, run
 from ._store import FeatureStore
@@ -34,6 +35,8 @@ __all__ = [
     "report",
     "run",
     "RunResult",
+    "presets",
+    "Preset",
     "DeepFeatures",
     "FitResult",
     "METRIC_KEYS",

@@ -18,6 +18,7 @@ from ._errors import ConfigError, ImageError, SourceError
 from ._faults import pause_point
 from ._featureset import FeatureSet
 from ._images import failure_kind, read_file
+from ._presets import preset_defaults
 from ._sources import load_records
 from ._store import FeatureStore, records_sha256, utc_now
 from ._version import __version__
@@ -59,9 +60,11 @@ def _runtime_versions(engine_versions: dict | None, store: FeatureStore, fingerp
     return {k: engine_versions.get(k, "") for k in keys}
 
 
+@preset_defaults("extract")
 def extract(
     source,
     *,
+    preset=None,
     backbone: str = "vgg16",
     store="fracfeat-store",
     weights="imagenet",
@@ -96,6 +99,9 @@ def extract(
         A folder of class subfolders (``fractured/``, ``not_fractured/``), a folder of split folders
         (``train/``, ``val/``, ``test/``) each holding class folders, a folder of images (unlabeled), a CSV
         manifest with a path column (optional label, split and group columns), or a list of image paths.
+    preset : str or Preset, optional
+        A named preset (:func:`fracfeat.presets`): its extractor settings fill every one this call does
+        not pass (keywords given win), so :func:`fracfeat.fit` with the same preset accepts the features.
     backbone : {"vgg16", "resnet50", "efficientnetb2"}
     store : str or Path
         Feature store directory; created if missing.

@@ -17,6 +17,7 @@ import numpy as np
 from ._classifiers import SearchContext, check_classifier, suggest_steps
 from ._errors import ConfigError
 from ._featureset import FeatureSet
+from ._presets import check_features, preset_defaults
 
 log = logging.getLogger("fracfeat")
 
@@ -108,9 +109,8 @@ def make_folds(fs: FeatureSet, cv, seed: int) -> tuple[list, bool]:
 
     grouped = fs.has_groups
     groups = fs.groups if grouped else None
+    check_cv(cv)
     if isinstance(cv, (int, np.integer)):
-        if cv < 2:
-            raise ConfigError(f"cv={cv}: give at least 2 folds")
         smallest = int(np.bincount(fs.y, minlength=2).min())
         if smallest < cv:
             raise ConfigError(f"cv={cv} folds need at least {cv} images of each class; the smaller class has "
@@ -119,15 +119,35 @@ def make_folds(fs: FeatureSet, cv, seed: int) -> tuple[list, bool]:
             raise ConfigError(f"cv={cv} folds need at least {cv} groups; the feature set has {len(set(groups))}")
         splitter = (StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed) if grouped
                     else StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed))
-    elif hasattr(cv, "split"):
-        splitter = cv
     else:
-        raise ConfigError(f"cv={cv!r}: give a number of folds or a scikit-learn splitter")
+        splitter = cv
     folds = [(np.asarray(tr), np.asarray(va)) for tr, va in splitter.split(fs.X, fs.y, groups)]
     for k, (_, va) in enumerate(folds):
         if len(np.unique(fs.y[va])) < 2:
             raise ConfigError(f"fold {k} holds one class only; lower cv so every fold sees both classes")
     return folds, grouped
+
+
+def check_cv(cv) -> None:
+    """A number of folds (>= 2) or a scikit-learn splitter, or a ConfigError saying so."""
+    if isinstance(cv, (int, np.integer)) and not isinstance(cv, bool):
+        if cv < 2:
+            raise ConfigError(f"cv={cv}: give at least 2 folds")
+    elif not hasattr(cv, "split"):
+        raise ConfigError(f"cv={cv!r}: give a number of folds or a scikit-learn splitter")
+
+
+def check_tuning(classifier, n_trials, cv, scoring, threshold):
+    """Check the tuning settings before any data is read; returns (classifier family, scorer)."""
+    from sklearn.metrics import get_scorer
+
+    classifier = check_classifier(classifier)
+    if isinstance(n_trials, bool) or not isinstance(n_trials, (int, np.integer)) or n_trials < 1:
+        raise ConfigError(f"n_trials={n_trials!r}: give a positive integer")
+    check_cv(cv)
+    if threshold is not None:
+        parse_threshold(threshold)
+    return classifier, get_scorer(scoring)
 
 
 def choose_threshold(y: np.ndarray, proba: np.ndarray, goal) -> float:
@@ -208,9 +228,11 @@ def _make_study(study, storage, study_name, sampler, pruner, seed, tag: dict):
     return study
 
 
+@preset_defaults("fit")
 def fit(
     features,
     *,
+    preset=None,
     classifier: str = "logreg",
     n_trials: int = 50,
     timeout: float | None = None,
@@ -238,6 +260,10 @@ def fit(
         Labeled feature rows (from :func:`extract` or a store version). Unlabeled rows are ignored.
         When rows carry train/val/test splits, tuning and the kept model see the train rows only;
         val and test are scored once at the end.
+    preset : str or Preset, optional
+        A named preset (:func:`fracfeat.presets`): its tuning settings fill every one this call does not
+        pass (keywords given win), and ``features`` must have been extracted with its extractor settings
+        (ConfigError naming the setting that differs otherwise).
     classifier : {"logreg", "svm", "xgboost", "auto"}
         "auto" searches the three families in one study.
     n_trials : int
@@ -294,17 +320,13 @@ def fit(
 
     optuna = require("optuna", why="fit")
     from sklearn.base import clone
-    from sklearn.metrics import get_scorer
     from sklearn.pipeline import Pipeline
 
     t_start = time.perf_counter()
-    classifier = check_classifier(classifier)
-    if not isinstance(n_trials, (int, np.integer)) or n_trials < 1:
-        raise ConfigError(f"n_trials={n_trials!r}: give a positive integer")
-    if threshold is not None:
-        parse_threshold(threshold)
-    scorer = get_scorer(scoring)
+    classifier, scorer = check_tuning(classifier, n_trials, cv, scoring, threshold)
     fs = as_feature_set(features, version)
+    if preset is not None:
+        check_features(preset, fs.provenance)
     data = fs.labeled()
     if data.y is None or len(np.unique(data.y)) < 2:
         raise ConfigError(f"fit needs labeled images of both classes; {fs!r} has "

@@ -10,6 +10,7 @@ import numpy as np
 
 from ._errors import ConfigError
 from ._featureset import FeatureSet
+from ._presets import get_preset, preset_defaults, settings_text
 
 log = logging.getLogger("fracfeat")
 
@@ -74,10 +75,12 @@ def holdout_split(fs: FeatureSet, test_size: float = 0.2, seed: int = 0) -> tupl
     return fs.subset(~mask), held, how, grouped
 
 
+@preset_defaults("extract", "fit")
 def run(
     source,
     out,
     *,
+    preset=None,
     store=None,
     classifier: str = "auto",
     n_trials: int = 50,
@@ -104,6 +107,10 @@ def run(
         Labeled images, as :func:`fracfeat.extract` takes them.
     out : str or Path
         Output folder: ``model.joblib``, ``report/index.html`` and (unless ``store`` is given) ``store/``.
+    preset : str or Preset, optional
+        A named preset (:func:`fracfeat.presets`), e.g. ``"fracatlas-vgg16-svm"``: its extractor and
+        tuning settings fill every one this call does not pass; keywords given win. ``weights`` is never
+        part of a preset: pass it.
     store : str or Path, optional
         Feature store folder (default ``OUT/store``); a shared store reuses features across runs.
     classifier, n_trials, timeout, cv, scoring, seed, threshold, storage, study_name
@@ -127,6 +134,8 @@ def run(
     >>> from fracfeat import run
     >>> result = run("data/fracatlas", "results/", weights="vgg16_notop.weights.h5")   # doctest: +SKIP
     >>> result.metrics["held-out"]["roc_auc"], result.report_path                      # doctest: +SKIP
+    >>> run("data/fracatlas", "results/", weights="vgg16_notop.weights.h5",
+    ...     preset="fracatlas-vgg16-svm")                                              # doctest: +SKIP
     """
     import joblib
 
@@ -164,8 +173,18 @@ def run(
         "store version": f"{fs.store} v{fs.version}",
         "model file": str(model_path),
     }
+    if preset is not None:
+        summary["preset"] = _preset_line(preset, {**extract_options, "classifier": classifier, "n_trials": n_trials,
+                                                  "cv": cv, "scoring": scoring, "threshold": threshold})
     page, metrics = report(result, held, out / "report", summary=summary, notes=notes,
                            title=f"fracfeat: {fs.provenance.get('backbone')} features, "
                                  f"{result.classifier} classifier")
     log.info("model: %s; report: %s", model_path, page)
     return RunResult(model_path=model_path, report_path=page, metrics=metrics, holdout=how, fit=result, features=fs)
+
+
+def _preset_line(preset, settings: dict) -> str:
+    """The preset's name, and the settings this run changed (its figures do not describe those)."""
+    chosen = get_preset(preset)
+    changed = {k: given for k, (given, _) in chosen.departures(settings).items()}
+    return chosen.name + (f", except {settings_text(changed)}" if changed else "")

@@ -3,6 +3,9 @@
 Results go to stdout; diagnostics go through the ``fracfeat`` logger to stderr. A user error (any
 :class:`fracfeat.FracfeatError`) prints one line to stderr and exits with status 1, without a
 traceback; ``--verbose`` shows debug logging.
+
+Options of extraction and tuning default to None and are passed on only when given, so the API's
+defaults apply, or a ``--preset``'s settings, which options given on the command line override.
 """
 
 from __future__ import annotations
@@ -52,38 +55,50 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def _given(**options) -> dict:
+    """The options given on the command line: an argparse default (None) must not override a preset's value."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _add_preset_option(p: argparse.ArgumentParser, settings: str) -> None:
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"named {settings} settings measured by benchmarks/accuracy.py (`fracfeat presets` lists "
+                        f"them); options given here win over the preset's")
+
+
 def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | None = "fracfeat-store") -> None:
     """Options every command that computes features takes (extract, run)."""
     g = p.add_argument_group("feature extraction")
-    g.add_argument("--backbone", default="vgg16", help="vgg16, resnet50 or efficientnetb2 (default: vgg16)")
+    g.add_argument("--backbone", default=None, help="vgg16, resnet50 or efficientnetb2 (default: vgg16)")
     if store_default is not None:
         g.add_argument("--store", default=store_default, help=f"feature store folder (default: {store_default})")
-    g.add_argument("--weights", default="imagenet",
-                   help="'imagenet' (Keras' download), a Keras no-top weights file, or 'none' for random weights")
+    g.add_argument("--weights", default=None,
+                   help="'imagenet' (Keras' download), a Keras no-top weights file, or 'none' for random weights "
+                        "(default: imagenet)")
     g.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="square input size in pixels (default: the backbone's, e.g. 224)")
-    g.add_argument("--pooling", default="avg", help="avg, max or none (default: avg)")
-    g.add_argument("--tiles", type=int, default=1, metavar="N",
+    g.add_argument("--pooling", default=None, help="avg, max or none (default: avg)")
+    g.add_argument("--tiles", type=int, default=None, metavar="N",
                    help="keep small detail: N x N overlapping tiles at higher resolution, features pooled by mean "
                         "and max (default: 1, the whole image once)")
     g.add_argument("--scales", default=None, metavar="S1,S2",
                    help="multi-scale: concatenate features at these input sizes, e.g. 224,448")
     g.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per forward pass (default: chosen for the hardware)")
-    g.add_argument("--precision", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    g.add_argument("--runtime", default="auto", help="auto, keras or openvino (default: auto)")
-    g.add_argument("--truncated", default="read", choices=("read", "reject"),
+    g.add_argument("--precision", default=None, help="auto, float32, bfloat16 or float16 (default: auto)")
+    g.add_argument("--runtime", default=None, help="auto, keras or openvino (default: auto)")
+    g.add_argument("--truncated", default=None, choices=("read", "reject"),
                    help="truncated image files: read what is there (flagged per row) or record them as failures "
                         "(default: read)")
-    g.add_argument("--strict", action="store_true",
+    g.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first unreadable image (default: record it as a failure and go on)")
 
 
 def _extract_kwargs(args) -> dict:
-    return dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, pooling=args.pooling,
-                tiles=args.tiles, scales=args.scales,
-                batch_size=args.batch_size, precision=args.precision, runtime=args.runtime,
-                truncated=args.truncated, strict=args.strict, progress=not args.quiet)
+    return {**_given(backbone=args.backbone, weights=args.weights, image_size=args.image_size, pooling=args.pooling,
+                     tiles=args.tiles, scales=args.scales, batch_size=args.batch_size, precision=args.precision,
+                     runtime=args.runtime, truncated=args.truncated, strict=args.strict, preset=args.preset),
+            "progress": not args.quiet}
 
 
 # -- extract -----------------------------------------------------------------------------------------
@@ -178,14 +193,14 @@ def cmd_store_verify(args) -> int:
 
 def _add_tuning_options(p: argparse.ArgumentParser, *, classifier: str, threshold: str | None) -> None:
     g = p.add_argument_group("tuning")
-    g.add_argument("--classifier", default=classifier,
+    g.add_argument("--classifier", default=None,
                    help=f"logreg, svm, xgboost, or auto (searches the three) (default: {classifier})")
-    g.add_argument("--trials", type=int, default=50, metavar="N", help="Optuna trials (default: 50)")
+    g.add_argument("--trials", type=int, default=None, metavar="N", help="Optuna trials (default: 50)")
     g.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
-    g.add_argument("--cv", type=int, default=5, metavar="K", help="cross-validation folds (default: 5)")
-    g.add_argument("--scoring", default="roc_auc", help="scikit-learn scorer to maximize (default: roc_auc)")
-    g.add_argument("--seed", type=int, default=0, help="seeds sampler, folds and classifiers (default: 0)")
-    g.add_argument("--threshold", default=threshold,
+    g.add_argument("--cv", type=int, default=None, metavar="K", help="cross-validation folds (default: 5)")
+    g.add_argument("--scoring", default=None, help="scikit-learn scorer to maximize (default: roc_auc)")
+    g.add_argument("--seed", type=int, default=None, help="seeds sampler, folds and classifiers (default: 0)")
+    g.add_argument("--threshold", default=None,
                    help="decision threshold chosen on the training folds: balanced_accuracy, sensitivity:0.9, "
                         f"or none for the classifier's own rule (default: {threshold or 'none'})")
     g.add_argument("--storage", default=None, metavar="URL",
@@ -194,10 +209,12 @@ def _add_tuning_options(p: argparse.ArgumentParser, *, classifier: str, threshol
 
 
 def _tuning_kwargs(args) -> dict:
-    threshold = None if str(args.threshold).lower() in ("none", "") else args.threshold
-    return dict(classifier=args.classifier, n_trials=args.trials, timeout=args.timeout, cv=args.cv,
-                scoring=args.scoring, seed=args.seed, threshold=threshold, storage=args.storage,
-                study_name=args.study_name, progress=not args.quiet)
+    options = _given(classifier=args.classifier, n_trials=args.trials, timeout=args.timeout, cv=args.cv,
+                     scoring=args.scoring, seed=args.seed, storage=args.storage, study_name=args.study_name,
+                     preset=args.preset)
+    if args.threshold is not None:  # given: "none" asks for no threshold, which is not the same as not given
+        options["threshold"] = None if args.threshold.lower() in ("none", "") else args.threshold
+    return {**options, "progress": not args.quiet}
 
 
 def _save_model(pipeline, path) -> None:
@@ -313,6 +330,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    from . import presets
+
+    table = presets()
+    if args.json:
+        _print_json([p.as_dict() for p in table.values()])
+        return 0
+    print("\n\n".join(p.describe() for p in table.values()))
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------------
 
 def _json_option(p: argparse.ArgumentParser) -> None:
@@ -346,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "feature store (images already in the store's cache are not recomputed).")
     p.add_argument("source", help="folder of class folders (or train/val/test folders), CSV manifest, or image file")
     _add_extract_options(p)
+    _add_preset_option(p, "extractor")
     p.add_argument("--description", default="", help="free text kept in the version's provenance")
     p.set_defaults(func=cmd_extract)
 
@@ -381,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE[@VERSION]", help="feature store folder, optionally @version (default: latest)")
     p.add_argument("--out", required=True, metavar="MODEL", help="where to save the model (.joblib)")
     _add_tuning_options(p, classifier="logreg", threshold=None)
+    _add_preset_option(p, "tuning")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("evaluate", parents=[common], help="metrics (and an HTML report) of a model on labeled data",
@@ -413,7 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="feature store folder (default: OUT/store)")
     _add_tuning_options(p, classifier="auto", threshold="balanced_accuracy")
     p.add_argument("--test-size", type=float, default=0.2, help="share held out when the source has no test split")
+    _add_preset_option(p, "extractor and tuning")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("presets", parents=[common], help="list the named presets (--preset NAME)",
+                       description="List the named presets: settings measured by benchmarks/accuracy.py that "
+                                   "extract, fit and run take as --preset NAME.")
+    _json_option(p)
+    p.set_defaults(func=cmd_presets)
     return parser
 
 

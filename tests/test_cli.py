@@ -252,3 +252,52 @@ def test_fit_and_evaluate_user_errors(main_job, tmp_path, class_folder):
                       "no feature store")
     assert_user_error(fracfeat(python, env, "run", tmp_path / "nofolder", "--out", tmp_path / "o", *TINY_ARGS),
                       "does not exist")
+
+
+# -- presets -------------------------------------------------------------------------------------------
+
+PRESET = "fracatlas-vgg16-svm"
+
+
+def test_options_not_given_leave_the_presets_settings_alone():
+    from fracfeat.cli import _extract_kwargs, _tuning_kwargs
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "src", "--out", "o", "--preset", PRESET])
+    assert _extract_kwargs(args) == _tuning_kwargs(args) == {"preset": PRESET, "progress": True}
+    args = parser.parse_args(["run", "src", "--out", "o", "--preset", PRESET, "--image-size", "32", "--trials", "2",
+                              "--threshold", "none"])
+    assert _extract_kwargs(args)["image_size"] == 32
+    tuning = _tuning_kwargs(args)
+    assert tuning["n_trials"] == 2 and tuning["threshold"] is None and "classifier" not in tuning
+
+
+def test_presets_command_lists_the_table(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(PRESET) and "backbone=vgg16" in out and "classifier=svm" in out
+    assert "measured: benchmarks/results/accuracy_svm-avg.json" in out
+    assert main(["presets", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed[0]["name"] == PRESET and listed[0]["fit"]["n_trials"] > 0
+
+
+def test_preset_user_errors_are_one_line(python, subprocess_env, class_folder, tmp_path, tiny_features, capsys):
+    assert_user_error(fracfeat(python, subprocess_env, "run", class_folder, "--out", tmp_path / "o",
+                               "--preset", "nope", *TINY_ARGS), "unknown preset 'nope'", PRESET)
+    # fit with a preset refuses a store made with other extractor settings, saying how to make matching ones
+    assert main(["fit", tiny_features.store, "--out", str(tmp_path / "m.joblib"), "--preset", PRESET, "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "image_size=32 (the preset's: 224)" in err and f"--preset {PRESET}" in err
+    assert not (tmp_path / "m.joblib").exists()
+
+
+def test_run_with_a_preset_end_to_end(python, subprocess_env, class_folder, tmp_path):
+    out = tmp_path / "out"
+    r = fracfeat(python, subprocess_env, "run", class_folder, "--out", out, "--preset", PRESET, *TINY_ARGS,
+                 "--trials", "2", "--cv", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "roc_auc" in r.stdout and (out / "model.joblib").is_file()
+    summary = json.loads((out / "report" / "metrics.json").read_text())["summary"]
+    assert summary["preset"] == f"{PRESET}, except image_size=32 n_trials=2 cv=2"
+    assert summary["classifier"] == "SVC" and summary["backbone"].startswith("vgg16, 32 px, avg pooling")

@@ -1,0 +1,170 @@
+"""Named presets: documented bundles of extractor and tuning settings, each measured by benchmarks/accuracy.py.
+
+``PRESETS`` is the one place a preset's settings and figures live: edit the table to change what a name
+means, and every caller (``extract``/``fit``/``run`` with ``preset=``, ``fracfeat presets``) follows.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from ._errors import ConfigError
+
+log = logging.getLogger("fracfeat")
+
+SECTIONS = ("extract", "fit")
+# File locations differ per machine; a preset names settings, and the caller says where the files are.
+_LOCATIONS = ("weights", "store")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named bundle of settings, measured by ``benchmarks/accuracy.py``.
+
+    Attributes
+    ----------
+    name : str
+    description : str
+        What the preset is, in one sentence.
+    extract : mapping
+        Extractor settings, as :func:`fracfeat.extract` takes them (``backbone``, ``image_size``,
+        ``pooling``, ``tiles``...). Never ``weights``: that is a file the caller passes.
+    fit : mapping
+        Tuning settings, as :func:`fracfeat.fit` takes them (``classifier``, ``n_trials``, ``cv``...).
+    measured : str
+        Where its figures come from: the benchmark result file and what it says.
+    """
+
+    name: str
+    description: str
+    extract: dict
+    fit: dict
+    measured: str
+
+    def __post_init__(self):
+        located = [k for k in _LOCATIONS if k in self.extract or k in self.fit]
+        if located:
+            raise ConfigError(f"preset {self.name!r} sets {', '.join(located)}: a preset holds settings, not file "
+                              f"locations; leave them out and pass them to the call")
+        # Read-only views: changing a returned preset must not change the documented one for everyone.
+        for section in SECTIONS:
+            object.__setattr__(self, section, MappingProxyType(dict(getattr(self, section))))
+
+    def settings(self, *sections: str) -> dict:
+        """The settings of the given sections (default: all) as one plain dict."""
+        return {k: v for s in (sections or SECTIONS) for k, v in getattr(self, s).items()}
+
+    def departures(self, settings: dict) -> dict:
+        """Settings in ``settings`` that differ from this preset's: ``{name: (given, preset's)}``."""
+        mine = self.settings()
+        return {k: (v, mine[k]) for k, v in settings.items() if k in mine and v != mine[k]}
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, **{s: self.settings(s) for s in SECTIONS},
+                "measured": self.measured}
+
+    def describe(self) -> str:
+        """A few lines: name, description, settings, and where the figures come from."""
+        lines = [self.name, f"  {self.description}"]
+        lines += [f"  {s + ':':<9} {settings_text(getattr(self, s))}" for s in SECTIONS]
+        return "\n".join([*lines, f"  measured: {self.measured}"])
+
+
+def settings_text(settings) -> str:
+    """``backbone=vgg16 image_size=224 ...``"""
+    return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
+# The table. Figures are quoted from the result file named in `measured`, nowhere else.
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset(
+        name="fracatlas-vgg16-svm",
+        description="VGG16 (ImageNet weights) average-pooled at 224 px, a tuned SVM, threshold for balanced "
+                    "accuracy: the best configuration measured on FracAtlas so far",
+        extract=dict(backbone="vgg16", image_size=224, pooling="avg"),
+        fit=dict(classifier="svm", n_trials=30, cv=5, scoring="roc_auc", threshold="balanced_accuracy"),
+        measured="benchmarks/results/accuracy_svm-avg.json (python benchmarks/accuracy.py --methods svm-avg "
+                 "--trials 10 --inner-cv 3): grouped 5-fold ROC AUC 0.887 (0.872-0.902), nested, tuned there "
+                 "with 10 trials x 3 inner folds",
+    ),
+)}
+
+
+def presets() -> dict[str, Preset]:
+    """The named presets, by name.
+
+    Each :class:`Preset` bundles extractor settings (``.extract``) and tuning settings (``.fit``)
+    measured by ``benchmarks/accuracy.py``; ``.measured`` says where its figures come from. Pass a name
+    as ``preset=`` to :func:`fracfeat.run`, :func:`fracfeat.fit` or :func:`fracfeat.extract`, or
+    ``--preset NAME`` on the command line (``fracfeat presets`` lists them).
+
+    Returns
+    -------
+    dict of str to Preset
+
+    Examples
+    --------
+    >>> import fracfeat
+    >>> for preset in fracfeat.presets().values():                # doctest: +SKIP
+    ...     print(preset.describe())
+    """
+    return dict(PRESETS)
+
+
+def get_preset(preset) -> Preset:
+    """A Preset from its name (or the Preset itself); ConfigError naming the known ones otherwise."""
+    if isinstance(preset, Preset):
+        return preset
+    if isinstance(preset, str) and preset in PRESETS:
+        return PRESETS[preset]
+    raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} "
+                      f"(`fracfeat presets` lists them with their settings)")
+
+
+def preset_defaults(*sections: str):
+    """Decorator: the ``preset=`` named in a call supplies every keyword of ``sections`` the caller left out.
+
+    Keywords the caller passes win, so ``run(src, out, preset=NAME, n_trials=5)`` tunes 5 trials. The
+    function keeps its own signature and defaults (which apply without a preset) and still receives
+    ``preset``, for checks of its own.
+    """
+    def decorate(func):
+        @functools.wraps(func)
+        def call(*args, preset=None, **kwargs):
+            if preset is not None:
+                chosen = get_preset(preset)
+                filled = chosen.settings(*sections)
+                given = ", ".join(f"{k}={g!r} (preset: {p!r})" for k, (g, p) in chosen.departures(kwargs).items())
+                log.info("preset %s: %s%s", chosen.name, settings_text(filled),
+                         f"; given explicitly: {given}" if given else "")
+                kwargs = {**filled, **kwargs}
+            return func(*args, preset=preset, **kwargs)
+        return call
+    return decorate
+
+
+def check_features(preset, provenance: dict) -> None:
+    """Refuse features not extracted with the preset's extractor settings, naming the ones that differ.
+
+    Tuning on other features would quietly give a model the preset's figures say nothing about.
+    """
+    from ._engine import config_from_provenance, resolve_extractor
+
+    chosen = get_preset(preset)
+    fix = (f"extract matching features with `fracfeat extract SOURCE --store DIR --weights WEIGHTS --preset "
+           f"{chosen.name}` (Python: extract(source, preset={chosen.name!r})), or fit without a preset")
+    if not provenance.get("backbone"):
+        raise ConfigError(f"preset {chosen.name!r} needs features that record how they were extracted (a store "
+                          f"version); these carry no extractor provenance: {fix}")
+    # Resolve the preset's settings as extract would (image_size None -> the backbone's default, ...).
+    # Forced precision/runtime and random weights keep this cheap: neither is compared.
+    wanted, _ = resolve_extractor(**{"precision": "float32", "runtime": "keras", **chosen.extract, "weights": None})
+    made = config_from_provenance(provenance)
+    differing = [f"{k}={getattr(made, k)!r} (the preset's: {getattr(wanted, k)!r})"
+                 for k in chosen.extract if hasattr(wanted, k) and getattr(made, k) != getattr(wanted, k)]
+    if differing:
+        raise ConfigError(f"these features were not extracted with preset {chosen.name!r}'s settings: "
+                          f"{', '.join(differing)}; {fix}")
