@@ -9,7 +9,7 @@ For each backbone, on the same FracAtlas JPEGs, in one run:
 - ``forward``: forward-only on already decoded uint8 batches, for float32 Keras and every other path
   asked for (default: float32 OpenVINO and whatever "auto" picks), to show what decoding and I/O cost;
 - ``decode``: fracfeat's decode pipeline alone (threads, JPEG draft mode);
-- ``roofline``: GFLOP per image of each backbone and the float32 GEMM rate this machine sustains
+- ``roofline``: GFLOP per image of each backbone and this CPU's nominal float32 peak
   (``roofline.py``), so each forward path also reports the share of that ceiling it reaches and the
   images/s the ceiling allows at all (on a GPU: the share of its nominal tensor-core peak).
 
@@ -48,7 +48,7 @@ FRACATLAS = SHARED / "data" / "fracatlas"
 VGG16_WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
 
 import numpy as np  # noqa: E402
-from roofline import cpu_matmul_gflops, gflop_per_image, gpu_peak_tflops  # noqa: E402
+from roofline import cpu_peak_gflops, gflop_per_image, gpu_peak_tflops  # noqa: E402
 
 
 def image_paths(n: int) -> list[str]:
@@ -167,13 +167,14 @@ def bench_forward(backbone: str, pixels: np.ndarray, path: tuple[str, str], repe
 
 
 def compute_ceiling() -> tuple[float | None, str | None]:
-    """(GFLOP/s, what it is): a known GPU's nominal tensor-core peak, else this CPU's measured float32 GEMM."""
+    """(GFLOP/s, what it is): a known GPU's nominal tensor-core peak, else this CPU's nominal float32 peak."""
     from fracfeat._engine import has_gpu
 
     if has_gpu():
         gpu = gpu_peak_tflops()
         return (gpu[1] * 1000, f"{gpu[0]} nominal dense bf16/fp16 peak") if gpu else (None, None)
-    return cpu_matmul_gflops(), f"float32 GEMM measured on {os.cpu_count()} CPU cores"
+    peak, how = cpu_peak_gflops()
+    return peak, f"nominal float32 peak ({how})"
 
 
 def peak_rss_kb() -> int:
