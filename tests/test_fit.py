@@ -150,6 +150,9 @@ def test_threshold_is_chosen_on_training_folds_and_kept_in_the_pipeline(tiny_fea
     proba = head.predict_proba(tiny_features.X)[:, 1]
     np.testing.assert_array_equal(head.predict(tiny_features.X), (proba >= result.threshold).astype(int))
     assert fit(tiny_features, threshold="balanced_accuracy", **FAST).threshold is not None
+    # README ("Radiographs from another hospital"): a new operating point is one set_params away.
+    result.pipeline.set_params(classifier__threshold=0.0)
+    assert head.predict(tiny_features.X).all()
 
 
 def test_choose_threshold_meets_the_goal():
