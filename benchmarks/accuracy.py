@@ -46,9 +46,11 @@ EXTRACTORS = {
     "avg448": dict(pooling="avg", image_size=448),
     "tiles3": dict(pooling="avg", tiles=3),
     "ms224+448": dict(pooling="avg", scales=(224, 448)),
+    "ml4": dict(pooling="avg", layers=("block4_pool",)),
+    "ml34": dict(pooling="avg", layers=("block3_pool", "block4_pool")),
 }
 METHODS = {"baseline": ("flat", "seed-lr")}
-for _ex in ("avg", "max", "avg448", "tiles3", "ms224+448"):
+for _ex in ("avg", "max", "avg448", "tiles3", "ms224+448", "ml4", "ml34"):
     for _clf in ("logreg", "svm", "xgboost", "auto"):
         METHODS[f"{_clf}-{_ex}"] = (_ex, _clf)
 DEFAULT_METHODS = "baseline,logreg-avg,svm-avg,xgboost-avg,auto-avg,logreg-max,svm-max,xgboost-max,auto-max"
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
             "method": method, "features": ex, "classifier": clf, "n_features": fs.n_features,
             "store_version": fs.version, "fingerprint": fs.fingerprint,
             **{k: v for k, v in fs.provenance.items() if k in ("image_size", "pooling", "runtime", "precision",
-                                                                "tiles", "scales")},
+                                                                "tiles", "scales", "layers")},
             **extraction_cost(store, fs.fingerprint),
             "tuning_seconds": round(sum(oof.fit_seconds), 1), "fold_seconds": [round(s, 1) for s in oof.fit_seconds],
             "metrics": ci, "folds": oof.details,

@@ -27,6 +27,9 @@ class BackboneSpec:
     imagenet_md5: str
     # Keras adds layers (EfficientNet's ImageNet std rescaling) only for weights="imagenet".
     imagenet_changes_graph: bool = False
+    # Intermediate layers whose pooled outputs ``layers=`` may add to the final ones: the end of each
+    # stage before the last, shallow to deep (Keras' own layer names; checked in tests/test_backbones.py).
+    tap_layers: tuple = ()
 
 
 _KERAS = "https://storage.googleapis.com/tensorflow/keras-applications"
@@ -37,12 +40,14 @@ BACKBONES: dict[str, BackboneSpec] = {
         "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         f"{_KERAS}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "6d6bbae143d832006294945121d1f1fc",
+        tap_layers=("block1_pool", "block2_pool", "block3_pool", "block4_pool"),
     ),
     "resnet50": BackboneSpec(
         "resnet50", "resnet50", "ResNet50", 224, 32, "caffe",
         "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
         f"{_KERAS}/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "4d473c1dd8becc155b73f8504c6f6626",
+        tap_layers=("conv2_block3_out", "conv3_block4_out", "conv4_block6_out"),
     ),
     "efficientnetb2": BackboneSpec(
         "efficientnetb2", "efficientnet", "EfficientNetB2", 260, 32, "raw-0-255",
@@ -50,6 +55,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         "https://storage.googleapis.com/keras-applications/efficientnetb2_notop.h5",
         "111f8e2ac8aa800a7a99e3239f7bfb39",
         imagenet_changes_graph=True,
+        tap_layers=("block2c_add", "block3c_add", "block4d_add", "block5d_add", "block6e_add"),
     ),
 }
 

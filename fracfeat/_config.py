@@ -37,15 +37,19 @@ class ExtractorConfig:
     # fingerprints of plain extractors, and every store row made before these existed, stay valid.
     tiles: int = 1
     scales: tuple = ()
+    # Intermediate layers pooled and concatenated before the final output (see :func:`validate_layers`);
+    # out of as_dict() when empty, for the same reason.
+    layers: tuple = ()
 
     def as_dict(self) -> dict:
         d = asdict(self)
         if self.tiles == 1:
             del d["tiles"]
-        if not self.scales:
-            del d["scales"]
-        else:
-            d["scales"] = list(self.scales)
+        for name in ("scales", "layers"):
+            if d[name]:
+                d[name] = list(d[name])  # JSON has lists: provenance read back must give the same fingerprint
+            else:
+                del d[name]
         return d
 
     @property
@@ -103,6 +107,40 @@ def validate_detail(spec, image_size: int, tiles, scales) -> tuple[int, int, tup
     if scales:
         image_size = max(scales)
     return image_size, tiles, scales
+
+
+def validate_layers(spec, pooling: str, layers) -> tuple:
+    """Check ``layers=``; returns the layer names resolved, in the order given.
+
+    Each named intermediate layer's output is globally pooled like the final one (``pooling``) and the
+    pooled vectors are concatenated in the given order, followed by the final output's: VGG16 with
+    ``("block4_pool",)`` gives 512 + 512 features. Shallower layers pool a finer grid of lower-level
+    features, which the final layer has already merged into coarse cells. ``"all"`` names every tap
+    point of the backbone (:attr:`BackboneSpec.tap_layers`).
+    Combines with ``tiles``/``scales``: every tile or scale gets the same multi-layer vector.
+    """
+    if layers is None:
+        return ()
+    if isinstance(layers, str):
+        layers = [v for v in layers.replace(" ", "").split(",") if v]
+    names = tuple(layers) if isinstance(layers, (list, tuple)) else None
+    if names is None or not all(isinstance(v, str) for v in names):
+        raise ConfigError(f"layers={layers!r}: give layer names, e.g. ('block4_pool',) or 'block3_pool,block4_pool'")
+    if not names:
+        return ()
+    if names == ("all",):
+        names = spec.tap_layers
+    unknown = [v for v in names if v not in spec.tap_layers]
+    if unknown:
+        raise ConfigError(f"layers={layers!r}: {', '.join(map(repr, unknown))} is not a tap point of {spec.name}; "
+                          f"choose from {', '.join(spec.tap_layers)} (or 'all')")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"layers={layers!r}: each layer once, please (its features would be repeated)")
+    if pooling == "none":
+        raise ConfigError(f"layers={layers!r} with pooling='none': layers= pools each layer's map to one value per "
+                          f"channel, and pooling='none' keeps maps whole (of a different size per layer); "
+                          f"pass pooling='avg' or 'max', or leave layers out")
+    return names
 
 
 def check_choice(name: str, value, choices) -> str:

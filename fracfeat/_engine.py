@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ._backbones import CAFFE_MEAN_BGR, BackboneSpec, ResolvedWeights, backbone_spec, build_backbone, resolve_weights
-from ._config import ExtractorConfig, validate_detail, validate_settings
+from ._config import ExtractorConfig, validate_detail, validate_layers, validate_settings
 from ._errors import ConfigError, ImageError, WeightsError
 from ._images import DecodedImage, load_image
 
@@ -141,15 +141,17 @@ def preferred_batch_size(config: ExtractorConfig) -> int:
 
 def resolve_extractor(
     backbone="vgg16", weights="imagenet", image_size=None, pooling="avg",
-    precision="auto", runtime="auto", truncated="read", tiles=1, scales=None,
+    precision="auto", runtime="auto", truncated="read", tiles=1, scales=None, layers=None,
 ) -> tuple[ExtractorConfig, ResolvedWeights]:
     spec, size, pool, prec, rt, tr = validate_settings(backbone, image_size, pooling, precision, runtime, truncated)
     size, tiles, scales = validate_detail(spec, size, tiles, scales)
+    layers = validate_layers(spec, pool, layers)
     resolved = resolve_weights(spec, weights)
     prec, rt = choose_precision_and_runtime(spec, prec, rt)
     config = ExtractorConfig(
         backbone=spec.name, image_size=size, pooling=pool, preprocessing=spec.preprocessing,
         weights=resolved.identity, precision=prec, runtime=rt, truncated=tr, tiles=tiles, scales=scales,
+        layers=layers,
     )
     return config, resolved
 
@@ -158,7 +160,7 @@ def config_from_provenance(provenance: dict) -> ExtractorConfig:
     """The exact extractor a store version was made with (resolved precision/runtime, no "auto")."""
     import dataclasses
 
-    optional = {"tiles", "scales"}  # absent when at their defaults (and in versions made before them)
+    optional = {"tiles", "scales", "layers"}  # absent when at their defaults (and in versions made before them)
     names = [f.name for f in dataclasses.fields(ExtractorConfig)]
     missing = [n for n in names if n not in provenance and n not in optional]
     if missing:
@@ -166,6 +168,8 @@ def config_from_provenance(provenance: dict) -> ExtractorConfig:
     values = {n: provenance[n] for n in names if n in provenance}
     if "scales" in values:
         values["scales"] = tuple(int(v) for v in values["scales"])
+    if "layers" in values:
+        values["layers"] = tuple(str(v) for v in values["layers"])
     config = ExtractorConfig(**values)
     recorded = provenance.get("fingerprint")
     if recorded and recorded != config.fingerprint:
@@ -212,17 +216,35 @@ def _build_feature_model(config: ExtractorConfig, weights: ResolvedWeights):
         x = ops.cast(inputs, "float32")
         if config.preprocessing == "caffe":
             x = ops.flip(x, axis=-1) - ops.convert_to_tensor(np.array(CAFFE_MEAN_BGR, dtype="float32"))
-        x = backbone(x, training=False)
-        if config.pooling == "avg":
-            x = layers.GlobalAveragePooling2D(dtype="float32")(x)
-        elif config.pooling == "max":
-            x = layers.GlobalMaxPooling2D(dtype="float32")(x)
+        if config.layers:
+            x = _pooled_taps(keras, backbone, config)(x, training=False)
         else:
-            x = layers.Flatten(dtype="float32")(x)
+            x = _pool(layers, config.pooling)(backbone(x, training=False))
         x = ops.cast(x, "float32")
         return keras.Model(inputs, x, name=f"fracfeat_{spec.name}")
     finally:
         keras.config.set_dtype_policy(policy_before)
+
+
+def _pool(layers, pooling: str, name: str | None = None):
+    """The global pooling layer, in float32 whatever the dtype policy (features are float32 everywhere)."""
+    kind = {"avg": layers.GlobalAveragePooling2D, "max": layers.GlobalMaxPooling2D, "none": layers.Flatten}[pooling]
+    return kind(dtype="float32", name=name)
+
+
+def _pooled_taps(keras, backbone, config: ExtractorConfig):
+    """The backbone with ``config.layers`` tapped: each named output and the final one pooled, concatenated.
+
+    One functional model over the backbone's own layers (weights shared, nothing copied), so every
+    runtime that takes the Keras model (OpenVINO converts this very graph) gets the taps for free.
+    """
+    from keras import layers
+
+    maps = [backbone.get_layer(name).output for name in config.layers] + [backbone.output]
+    names = [*config.layers, "final"]
+    pooled = [_pool(layers, config.pooling, name=f"pool_{n}")(m) for n, m in zip(names, maps)]
+    out = layers.Concatenate(dtype="float32", name="taps")(pooled)
+    return keras.Model(backbone.input, out, name=f"{backbone.name}_taps")
 
 
 def keras_versions() -> dict:

@@ -72,6 +72,7 @@ def extract(
     pooling: str = "avg",
     tiles: int = 1,
     scales=None,
+    layers=None,
     batch_size: int | None = None,
     precision: str = "auto",
     runtime: str = "auto",
@@ -119,6 +120,11 @@ def extract(
     scales : sequence of int, optional
         Multi-scale: run the whole image at each of these input sizes and concatenate the features,
         e.g. ``(224, 448)``. Cannot be combined with ``tiles``.
+    layers : sequence of str or str, optional
+        Multi-layer: globally pool these intermediate layers of the backbone with ``pooling`` and put
+        them, in this order, before the final features, e.g. ``("block3_pool", "block4_pool")`` for
+        VGG16 (256 + 512 + 512 features), or ``"all"`` for every tap point the backbone offers. Needs
+        ``pooling`` "avg" or "max"; combines with ``tiles`` and ``scales`` (each view gets them all).
     batch_size : int, optional
         Images per forward pass; None lets the engine choose (256 on a GPU, 32 on CPUs).
     precision : {"auto", "float32", "bfloat16", "float16"}
@@ -166,7 +172,7 @@ def extract(
     t_start = time.perf_counter()
     records, source_desc = load_records(source, labels=labels, groups=groups, splits=splits, class_map=class_map)
     config, resolved_weights = resolve_extractor(backbone, weights, image_size, pooling, precision, runtime, truncated,
-                                                 tiles=tiles, scales=scales)
+                                                 tiles=tiles, scales=scales, layers=layers)
     fingerprint = config.fingerprint
     feature_store = store if isinstance(store, FeatureStore) else FeatureStore(store, lock_timeout=lock_timeout)
 

@@ -123,7 +123,8 @@ def run(
         Progress bars for extraction and tuning.
     **extract_options
         Extraction settings, as :func:`fracfeat.extract` takes them: ``backbone``, ``weights``,
-        ``image_size``, ``pooling``, ``batch_size``, ``precision``, ``runtime``, ``class_map``...
+        ``image_size``, ``pooling``, ``tiles``, ``scales``, ``layers``, ``batch_size``, ``precision``,
+        ``runtime``, ``class_map``...
 
     Returns
     -------

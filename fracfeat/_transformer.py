@@ -48,6 +48,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         Overlapping tiles per side, their features pooled by mean and max (see :func:`fracfeat.extract`).
     scales : sequence of int, optional
         Input sizes whose features are concatenated (see :func:`fracfeat.extract`).
+    layers : sequence of str, optional
+        Intermediate layers whose pooled outputs precede the final ones (see :func:`fracfeat.extract`).
 
     Attributes
     ----------
@@ -77,7 +79,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
 
     def __init__(self, backbone="vgg16", weights="imagenet", image_size=None, pooling="avg", precision="auto",
                  runtime="auto", truncated="read", weights_identity=None, batch_size=32, workers=None, tiles=1,
-                 scales=None):
+                 scales=None, layers=None):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -90,6 +92,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         self.workers = workers
         self.tiles = tiles
         self.scales = scales
+        self.layers = layers
 
     @classmethod
     def from_provenance(cls, provenance: dict, weights=None, **params) -> "DeepFeatures":
@@ -113,7 +116,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
                 kind, provenance.get("weights_path") or None)
         deep = cls(backbone=config.backbone, weights=weights, image_size=config.image_size, pooling=config.pooling,
                    precision=config.precision, runtime=config.runtime, truncated=config.truncated,
-                   weights_identity=config.weights, tiles=config.tiles, scales=config.scales or None, **params)
+                   weights_identity=config.weights, tiles=config.tiles, scales=config.scales or None,
+                   layers=config.layers or None, **params)
         deep.fit()
         if deep.fingerprint_ != config.fingerprint:
             raise ConfigError(
@@ -137,21 +141,24 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         self
         """
         from ._engine import choose_precision_and_runtime, resolve_extractor
-        from ._config import validate_detail, validate_settings
+        from ._config import validate_detail, validate_layers, validate_settings
 
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size!r}: give a positive integer")
         if self.weights_identity is None:
             config, _ = resolve_extractor(self.backbone, self.weights, self.image_size, self.pooling,
-                                          self.precision, self.runtime, self.truncated, self.tiles, self.scales)
+                                          self.precision, self.runtime, self.truncated, self.tiles, self.scales,
+                                          self.layers)
         else:
             spec, size, pool, prec, rt, tr = validate_settings(self.backbone, self.image_size, self.pooling,
                                                                self.precision, self.runtime, self.truncated)
             size, tiles, scales = validate_detail(spec, size, self.tiles, self.scales)
+            layers = validate_layers(spec, pool, self.layers)
             prec, rt = choose_precision_and_runtime(spec, prec, rt)
             config = ExtractorConfig(backbone=spec.name, image_size=size, pooling=pool,
                                      preprocessing=spec.preprocessing, weights=str(self.weights_identity),
-                                     precision=prec, runtime=rt, truncated=tr, tiles=tiles, scales=scales)
+                                     precision=prec, runtime=rt, truncated=tr, tiles=tiles, scales=scales,
+                                     layers=layers)
         self.config_ = config
         self.fingerprint_ = config.fingerprint
         self._engine = None

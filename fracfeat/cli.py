@@ -83,6 +83,9 @@ def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | Non
                         "and max (default: 1, the whole image once)")
     g.add_argument("--scales", default=None, metavar="S1,S2",
                    help="multi-scale: concatenate features at these input sizes, e.g. 224,448")
+    g.add_argument("--layers", default=None, metavar="L1,L2",
+                   help="multi-layer: put these intermediate layers, pooled, before the final features, e.g. "
+                        "block3_pool,block4_pool for vgg16, or 'all' (needs --pooling avg or max)")
     g.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per forward pass (default: chosen for the hardware)")
     g.add_argument("--precision", default=None, help="auto, float32, bfloat16 or float16 (default: auto)")
@@ -96,8 +99,8 @@ def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | Non
 
 def _extract_kwargs(args) -> dict:
     return {**_given(backbone=args.backbone, weights=args.weights, image_size=args.image_size, pooling=args.pooling,
-                     tiles=args.tiles, scales=args.scales, batch_size=args.batch_size, precision=args.precision,
-                     runtime=args.runtime, truncated=args.truncated, strict=args.strict, preset=args.preset),
+                     tiles=args.tiles, scales=args.scales, layers=args.layers, batch_size=args.batch_size,
+                     precision=args.precision, runtime=args.runtime, truncated=args.truncated, strict=args.strict, preset=args.preset),
             "progress": not args.quiet}
 
 

@@ -25,6 +25,8 @@ from fracfeat._images import load_image
 
 # Final convolution channels of each no-top backbone, and its total stride.
 CHANNELS = {"vgg16": 512, "resnet50": 2048, "efficientnetb2": 1408}
+# Channels of each tap point (BackboneSpec.tap_layers), shallow to deep.
+TAP_CHANNELS = {"vgg16": (64, 128, 256, 512), "resnet50": (256, 512, 1024), "efficientnetb2": (24, 48, 88, 120, 208)}
 STRIDE = 32
 
 
@@ -82,6 +84,16 @@ def test_feature_width_per_pooling(backbone, pooling, real_images):
     assert np.isfinite(out).all()
     if pooling == "max":
         assert (out >= engine(backbone, "avg", size).forward(pixels) - 1e-5).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", list(CHANNELS))
+def test_every_tap_layer_is_in_the_keras_model(backbone):
+    # The names in the registry are Keras' own: a renamed layer would fail here, not in a user's run.
+    spec = BACKBONES[backbone]
+    assert len(spec.tap_layers) == len(TAP_CHANNELS[backbone])
+    config, weights = resolve_extractor(backbone, None, spec.min_size, "avg", runtime="keras", layers="all")
+    assert FeatureEngine(config, weights).n_features == sum(TAP_CHANNELS[backbone]) + CHANNELS[backbone]
 
 
 def _coloured_radiograph(path, size) -> np.ndarray:

@@ -44,8 +44,8 @@ def _weights(backbone, vgg16_weights):
     return str(vgg16_weights) if backbone == "vgg16" else None
 
 
-def _features(backbone, weights, precision, runtime, pixels):
-    config, resolved = resolve_extractor(backbone, weights, SIZE, precision=precision, runtime=runtime)
+def _features(backbone, weights, precision, runtime, pixels, **options):
+    config, resolved = resolve_extractor(backbone, weights, SIZE, precision=precision, runtime=runtime, **options)
     assert (config.precision, config.runtime) == (precision, runtime)
     return FeatureEngine(config, resolved).forward(pixels)
 
@@ -67,6 +67,21 @@ def test_every_fast_path_matches_float32_keras_per_image(backbone, radiographs, 
         assert fast.shape == reference.shape and fast.dtype == np.float32
         cos = _cosine(fast, reference)
         assert cos.min() >= 0.999, f"{backbone} {precision}/{runtime}: per-image cosine {np.round(cos, 6)}"
+
+
+@pytest.mark.slow
+def test_openvino_runs_the_multi_layer_model_like_keras(radiographs, vgg16_weights, tmp_path):
+    pytest.importorskip("openvino")
+    taps = ("block3_pool", "block4_pool")
+    fast = _features("vgg16", str(vgg16_weights), "float32", "openvino", radiographs, layers=taps)
+    reference = _features("vgg16", str(vgg16_weights), "float32", "keras", radiographs, layers=taps)
+    assert fast.shape == reference.shape == (4, 256 + 512 + 512)
+    cos = _cosine(fast, reference)
+    assert cos.min() >= 0.999, f"per-image cosine {np.round(cos, 6)}"
+    # The cache is keyed by the fingerprint: the plain model gets its own entry, not the multi-layer one.
+    plain, resolved = resolve_extractor("vgg16", str(vgg16_weights), SIZE, precision="float32", runtime="openvino")
+    assert FeatureEngine(plain, resolved).forward(radiographs).shape == (4, 512)
+    assert len(list((tmp_path / "cache" / "openvino").glob("*/model.xml"))) == 2
 
 
 def test_auto_resolves_to_a_concrete_path_for_every_backbone():
