@@ -255,7 +255,10 @@ def param_importances(study) -> tuple[dict, str]:
         best = study.best_trial.params.get("classifier")
         family = [t for t in complete if t.params.get("classifier") == best]
         if len(family) >= 2:
-            sub = optuna.create_study(direction=study.direction)
+            from ._fit import _quiet_optuna
+
+            with _quiet_optuna():  # no "A new study created in memory" line in the user's terminal
+                sub = optuna.create_study(direction=study.direction)
             sub.add_trials(family)
             study, complete, scope = sub, family, f"the {len(family)} {best} trials (best family)"
     if len(complete) < 2:
