@@ -61,6 +61,20 @@ def class_folder(tmp_path, real_images) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _fracfeat_logger_restored():
+    """Tests that call ``fracfeat.cli.main`` in-process get its logging set-up (own handler, no
+    propagation, --quiet's level); undo it so later tests' caplog still sees fracfeat's records."""
+    import logging
+
+    log = logging.getLogger("fracfeat")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:] = saved[0]
+    log.setLevel(saved[1])  # setLevel, not .level: it also clears logging's per-logger level cache
+    log.propagate = saved[2]
+
+
 @pytest.fixture()
 def subprocess_env() -> dict:
     """Environment for child processes that import this checkout's fracfeat."""
