@@ -100,7 +100,8 @@ def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | Non
 def _extract_kwargs(args) -> dict:
     return {**_given(backbone=args.backbone, weights=args.weights, image_size=args.image_size, pooling=args.pooling,
                      tiles=args.tiles, scales=args.scales, layers=args.layers, batch_size=args.batch_size,
-                     precision=args.precision, runtime=args.runtime, truncated=args.truncated, strict=args.strict, preset=args.preset),
+                     precision=args.precision, runtime=args.runtime, truncated=args.truncated, strict=args.strict,
+                     preset=args.preset),
             "progress": not args.quiet}
 
 
