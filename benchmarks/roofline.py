@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,8 +24,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Dense bf16/fp16 tensor-core TFLOP/s (no sparsity), from NVIDIA's data sheets.
-GPU_PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+# Dense bf16/fp16 tensor-core TFLOP/s (no sparsity), from NVIDIA's data sheets; the first key whose words
+# all appear in the device name wins (device names read like "NVIDIA H100 80GB HBM3"), so PCIe comes first.
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
 def _layers(model):
@@ -48,16 +50,10 @@ def gflop_per_image(backbone: str, image_size: int | None = None) -> float:
         if kind not in ("Conv2D", "DepthwiseConv2D", "Dense"):
             continue
         out = [int(d) for d in layer.output.shape[1:]]
-        positions = 1
-        for d in out[:-1]:
-            positions *= d
         kernel = [int(d) for d in layer.kernel.shape]  # (kh, kw, in, out) / (kh, kw, in, mult) / (in, out)
-        per_output = 1
-        for d in kernel[:-1]:
-            per_output *= d
-        if kind == "DepthwiseConv2D":
-            per_output = kernel[0] * kernel[1]  # each output channel sees one input channel
-        macs += positions * out[-1] * per_output
+        # Multiply-adds per output value: the kernel's fan-in; a depthwise channel sees one input channel.
+        per_output = kernel[0] * kernel[1] if kind == "DepthwiseConv2D" else math.prod(kernel[:-1])
+        macs += math.prod(out) * per_output
     return 2 * macs / 1e9
 
 
