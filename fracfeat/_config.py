@@ -40,11 +40,16 @@ class ExtractorConfig:
     # Intermediate layers pooled and concatenated before the final output (see :func:`validate_layers`);
     # out of as_dict() when empty, for the same reason.
     layers: tuple = ()
+    # Augmented view applied before resizing (fracfeat._views), "" for the image as it is; out of
+    # as_dict() when "", for the same reason.
+    view: str = ""
 
     def as_dict(self) -> dict:
         d = asdict(self)
         if self.tiles == 1:
             del d["tiles"]
+        if not self.view:
+            del d["view"]
         for name in ("scales", "layers"):
             if d[name]:
                 d[name] = list(d[name])  # JSON has lists: provenance read back must give the same fingerprint

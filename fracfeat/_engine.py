@@ -27,6 +27,7 @@ from ._backbones import CAFFE_MEAN_BGR, BackboneSpec, ResolvedWeights, backbone_
 from ._config import ExtractorConfig, validate_detail, validate_layers, validate_settings
 from ._errors import ConfigError, ImageError, WeightsError
 from ._images import DecodedImage, load_image
+from ._views import check_view
 
 log = logging.getLogger("fracfeat")
 
@@ -141,17 +142,18 @@ def preferred_batch_size(config: ExtractorConfig) -> int:
 
 def resolve_extractor(
     backbone="vgg16", weights="imagenet", image_size=None, pooling="avg",
-    precision="auto", runtime="auto", truncated="read", tiles=1, scales=None, layers=None,
+    precision="auto", runtime="auto", truncated="read", tiles=1, scales=None, layers=None, view=None,
 ) -> tuple[ExtractorConfig, ResolvedWeights]:
     spec, size, pool, prec, rt, tr = validate_settings(backbone, image_size, pooling, precision, runtime, truncated)
     size, tiles, scales = validate_detail(spec, size, tiles, scales)
     layers = validate_layers(spec, pool, layers)
+    view = check_view(view)
     resolved = resolve_weights(spec, weights)
     prec, rt = choose_precision_and_runtime(spec, prec, rt)
     config = ExtractorConfig(
         backbone=spec.name, image_size=size, pooling=pool, preprocessing=spec.preprocessing,
         weights=resolved.identity, precision=prec, runtime=rt, truncated=tr, tiles=tiles, scales=scales,
-        layers=layers,
+        layers=layers, view=view,
     )
     return config, resolved
 
@@ -160,7 +162,7 @@ def config_from_provenance(provenance: dict) -> ExtractorConfig:
     """The exact extractor a store version was made with (resolved precision/runtime, no "auto")."""
     import dataclasses
 
-    optional = {"tiles", "scales", "layers"}  # absent when at their defaults (and in versions made before them)
+    optional = {"tiles", "scales", "layers", "view"}  # absent when at their defaults (and in versions made before them)
     names = [f.name for f in dataclasses.fields(ExtractorConfig)]
     missing = [n for n in names if n not in provenance and n not in optional]
     if missing:
@@ -443,7 +445,8 @@ class FeatureEngine:
     def runner_for(self, size: int):
         """The backbone + pooling at one input size (a plain extractor: no tiles, no scales)."""
         if size not in self._runners:
-            unit = dataclasses.replace(self.config, image_size=size, tiles=1, scales=())
+            # The view is applied to pixels before the graph: every view shares one graph (and OpenVINO cache entry).
+            unit = dataclasses.replace(self.config, image_size=size, tiles=1, scales=(), view="")
             if unit.runtime == "openvino":
                 float32 = dataclasses.replace(unit, precision="float32")
                 self._runners[size] = OpenVINORunner(unit, lambda: _build_feature_model(float32, self.weights))
@@ -485,8 +488,8 @@ class FeatureEngine:
             parts = []
             for size in c.scales:
                 # Smaller scales are resized from the decoded largest one with the decoder's own filter.
-                view = batch if size == c.decode_size else np.stack([pixels_from_array(im, size) for im in batch])
-                parts.append(self._run(self.runner_for(size), view))
+                scaled = batch if size == c.decode_size else np.stack([pixels_from_array(im, size) for im in batch])
+                parts.append(self._run(self.runner_for(size), scaled))
             return np.concatenate(parts, axis=1)
         return self._run(self.runner, batch)
 
@@ -497,11 +500,11 @@ class FeatureEngine:
         ``sha256s``: the hash each file had when it was looked up in the cache; a file whose bytes
         differ now is a failure (its features would otherwise be stored under the old hash).
         """
-        size, policy = self.config.decode_size, self.config.truncated
+        size, policy, view = self.config.decode_size, self.config.truncated, self.config.view
         workers = workers or min(32, (os.cpu_count() or 1) + 1)
 
         def submit(pool, i, p):
-            return pool.submit(load_image, p, size, policy, None if sha256s is None else sha256s[i])
+            return pool.submit(load_image, p, size, policy, None if sha256s is None else sha256s[i], view)
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fracfeat-decode") as pool:
             pending: deque = deque()

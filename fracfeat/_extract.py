@@ -73,6 +73,7 @@ def extract(
     tiles: int = 1,
     scales=None,
     layers=None,
+    view=None,
     batch_size: int | None = None,
     precision: str = "auto",
     runtime: str = "auto",
@@ -125,6 +126,12 @@ def extract(
         them, in this order, before the final features, e.g. ``("block3_pool", "block4_pool")`` for
         VGG16 (256 + 512 + 512 features), or ``"all"`` for every tap point the backbone offers. Needs
         ``pooling`` "avg" or "max"; combines with ``tiles`` and ``scales`` (each view gets them all).
+    view : str, optional
+        An augmented view of every image, made after decoding and before resizing: ``"hflip"``,
+        ``"rot+10"``/``"rot-10"`` (degrees, 1-45), ``"cropF"`` (central fraction F of each side, 0.5-0.95,
+        decoded at full detail). Its own store entry (the view is in the fingerprint and provenance);
+        rows keep the original's id, path and group, so :func:`fracfeat.fit` can train on them with
+        ``augment=`` without a view ever crossing a fold.
     batch_size : int, optional
         Images per forward pass; None lets the engine choose (256 on a GPU, 32 on CPUs).
     precision : {"auto", "float32", "bfloat16", "float16"}
@@ -172,7 +179,7 @@ def extract(
     t_start = time.perf_counter()
     records, source_desc = load_records(source, labels=labels, groups=groups, splits=splits, class_map=class_map)
     config, resolved_weights = resolve_extractor(backbone, weights, image_size, pooling, precision, runtime, truncated,
-                                                 tiles=tiles, scales=scales, layers=layers)
+                                                 tiles=tiles, scales=scales, layers=layers, view=view)
     fingerprint = config.fingerprint
     feature_store = store if isinstance(store, FeatureStore) else FeatureStore(store, lock_timeout=lock_timeout)
 

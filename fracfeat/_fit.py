@@ -46,7 +46,7 @@ class FitResult:
     threshold : float or None
         Decision threshold on P(fractured) kept inside the Pipeline, when one was asked for.
     n_train : int
-        Rows the kept model was trained on.
+        Rows the kept model was trained on (augmented views included).
     cv_folds : int
     grouped : bool
         True when folds kept each group on one side (StratifiedGroupKFold).
@@ -56,6 +56,10 @@ class FitResult:
         The store version the model was trained on.
     seconds : float
         Wall time of this call.
+    fold_scores : list of float
+        The best trial's score on each fold.
+    augment : tuple of str
+        Augmented views added to the training rows (``augment=``), e.g. ``("hflip",)``.
     """
 
     pipeline: object
@@ -75,6 +79,7 @@ class FitResult:
     fingerprint: str | None = None
     seconds: float = 0.0
     fold_scores: list = field(default_factory=list)
+    augment: tuple = ()
 
     def __repr__(self) -> str:
         held = ", ".join(f"{k}={v:.4f}" for k, v in self.scores.items() if k != "cv" and v is not None)
@@ -222,7 +227,7 @@ def _make_study(study, storage, study_name, sampler, pruner, seed, tag: dict):
     if recorded is None:
         study.set_user_attr("fracfeat", tag)
     elif recorded != tag:
-        diff = {k: (recorded.get(k), tag.get(k)) for k in tag if recorded.get(k) != tag.get(k)}
+        diff = {k: (recorded.get(k), tag.get(k)) for k in {**recorded, **tag} if recorded.get(k) != tag.get(k)}
         raise ConfigError(f"study {study.study_name!r} was run on other data or settings ({diff}, as "
                           f"(study, now)); resume it with the same ones, or give a new study_name")
     return study
@@ -251,6 +256,7 @@ def fit(
     n_threads: int | None = None,
     callbacks=None,
     progress: bool = False,
+    augment=(),
 ) -> FitResult:
     """Tune a classifier on deep features with Optuna and return a fitted Pipeline that reads images.
 
@@ -303,6 +309,11 @@ def fit(
         Passed to :meth:`optuna.study.Study.optimize`; each is called as ``callback(study, trial)``.
     progress : bool
         Show a bar: trial n of N, best score so far, trials pruned.
+    augment : sequence of FeatureSet (or store directory / FeatureStore at its latest version), optional
+        Augmented views of the same images (``extract(..., view="hflip")``, same extractor otherwise):
+        each training row's views are added to the training side of every fold and to the kept model's
+        training rows; validation folds and held-out splits are scored on the original images only.
+        Views are matched to rows by image id (content hash), so they share the original's group.
 
     Returns
     -------
@@ -337,11 +348,22 @@ def fit(
         data = data.split("train")
     folds, grouped = make_folds(data, cv, seed)
     X, y = np.asarray(data.X, dtype=np.float32), np.asarray(data.y)
+    views = augmented_rows(data, fs, augment)
+    view_names = [v for v, _ in views]
+
+    def training(rows):
+        """Feature rows and labels of the training side: the rows plus each one's augmented views."""
+        if not views:
+            return X[rows], y[rows]
+        return (np.concatenate([X[rows], *(Xv[rows] for _, Xv in views)]),
+                np.tile(y[rows], 1 + len(views)))
     ctx = SearchContext(seed=seed, n_positive=int((y == 1).sum()), n_negative=int((y == 0).sum()), n_threads=n_threads)
 
     tag = {"classifier": classifier, "scoring": str(scoring), "seed": int(seed), "fingerprint": fs.fingerprint,
            "n_rows": int(len(y)), "n_positive": ctx.n_positive, "cv": len(folds) if isinstance(cv, int) else repr(cv),
            "grouped": grouped, "rows_sha256": _rows_digest(data)}
+    if view_names:
+        tag["augment"] = ",".join(view_names)
 
     def objective(trial):
         family, steps = suggest_steps(trial, classifier, ctx)
@@ -350,7 +372,7 @@ def fit(
         for k, (tr, va) in enumerate(folds):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # convergence warnings of poor trials: the score says it
-                fitted = clone(model).fit(X[tr], y[tr])
+                fitted = clone(model).fit(*training(tr))
                 scores.append(float(scorer(fitted, X[va], y[va])))
             trial.report(float(np.mean(scores)), k)
             if k < len(folds) - 1 and trial.should_prune():
@@ -381,14 +403,14 @@ def fit(
 
     chosen = None
     if threshold is not None:
-        chosen = _threshold_from_folds(head, X, y, folds, threshold)
+        chosen = _threshold_from_folds(head, X, y, folds, threshold, training)
         from sklearn.model_selection import FixedThresholdClassifier
 
         name, clf = head.steps[-1]
         head.steps[-1] = (name, FixedThresholdClassifier(clf, threshold=chosen, response_method="predict_proba"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        head.fit(X, y)
+        head.fit(*training(np.arange(len(y))))
 
     scores = {"cv": float(best.value)}
     for split, hs in held_out.items():
@@ -399,12 +421,60 @@ def fit(
               for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)}
     result = FitResult(
         pipeline=pipeline, study=study, best_params=dict(best.params), cv_score=float(best.value), classifier=family,
-        scoring=str(scoring), scores=scores, threshold=chosen, n_train=int(len(y)), cv_folds=len(folds),
+        scoring=str(scoring), scores=scores, threshold=chosen, n_train=int(len(y)) * (1 + len(views)),
+        cv_folds=len(folds), augment=tuple(view_names),
         grouped=grouped, trials=counts, store=fs.store, version=fs.version, fingerprint=fs.fingerprint,
         seconds=round(time.perf_counter() - t_start, 3), fold_scores=list(best.user_attrs.get("fold_scores", [])),
     )
     log.info("%r", result)
     return result
+
+
+def augmented_rows(data: FeatureSet, fs: FeatureSet, augment) -> list[tuple[str, np.ndarray]]:
+    """``[(view name, rows aligned with data's rows)]`` for each augmented view set, checked.
+
+    A view set must come from the same extractor as ``fs`` except its ``view``, and hold every row
+    of ``data`` (matched by image id); anything else is a ConfigError that says what to extract.
+    """
+    from ._engine import config_from_provenance
+
+    if augment is None or isinstance(augment, (FeatureSet, str, bytes)) or hasattr(augment, "__fspath__"):
+        augment = () if augment is None else (augment,)
+    if not augment:
+        return []
+    try:
+        base = config_from_provenance(fs.provenance).as_dict()
+    except ConfigError as e:
+        raise ConfigError(f"augment= needs features from a store version (their provenance says how they were "
+                          f"made): {e}") from None
+    base.pop("view", None)
+    out, seen = [], set()
+    for item in augment:
+        vs = as_feature_set(item)
+        config = config_from_provenance(vs.provenance)
+        other = config.as_dict()
+        other.pop("view", None)
+        name = config.view
+        if not name or name == (fs.provenance.get("view") or ""):
+            raise ConfigError(f"augment: {vs!r} holds the images themselves, not an augmented view; extract one "
+                              f"with view='hflip' (or 'rot+10', 'crop0.8') and pass that")
+        differing = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+        if differing:
+            raise ConfigError(f"augment: view {name!r} was extracted with other settings than the training "
+                              f"features ({', '.join(differing)} differ); extract it with the same settings")
+        if name in seen:
+            raise ConfigError(f"augment: view {name!r} is given twice")
+        seen.add(name)
+        where = {}
+        for i, image_id in enumerate(vs.ids):
+            where.setdefault(str(image_id), i)
+        rows = [where.get(str(image_id), -1) for image_id in data.ids]
+        missing = sum(1 for r in rows if r < 0)
+        if missing:
+            raise ConfigError(f"augment: view {name!r} (version {vs.version}) lacks {missing} of the {len(data)} "
+                              f"training images; extract the view over the same images")
+        out.append((name, np.asarray(vs.X, dtype=np.float32)[rows]))
+    return out
 
 
 def _rows_digest(fs: FeatureSet) -> str:
@@ -417,14 +487,14 @@ def _rows_digest(fs: FeatureSet) -> str:
     return h.hexdigest()
 
 
-def _threshold_from_folds(head, X, y, folds, goal) -> float:
+def _threshold_from_folds(head, X, y, folds, goal, training) -> float:
     from sklearn.base import clone
 
     proba = np.empty(len(y), dtype=np.float64)
     for tr, va in folds:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            proba[va] = clone(head).fit(X[tr], y[tr]).predict_proba(X[va])[:, 1]
+            proba[va] = clone(head).fit(*training(tr)).predict_proba(X[va])[:, 1]
     return choose_threshold(y, proba, goal)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import stat
 import threading
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from ._views import apply_view, decode_scale
 
 DECODE_RECIPE = "pil-draft-exif-rgb-bilinear-squash-v1"
 TRUNCATED_POLICIES = ("read", "reject")
@@ -134,7 +137,7 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def _decode(data: bytes, size: int, allow_truncated: bool):
+def _decode(data: bytes, size: int, allow_truncated: bool, view: str = ""):
     from PIL import Image, ImageFile, ImageOps
 
     with Image.open(io.BytesIO(data)) as img:
@@ -145,7 +148,8 @@ def _decode(data: bytes, size: int, allow_truncated: bool):
             raise Image.DecompressionBombError(
                 f"{img.width}x{img.height} = {img.width * img.height} pixels, over the limit of {limit}")
         if img.format == "JPEG":
-            img.draft(None, (size, size))
+            need = math.ceil(size * decode_scale(view))
+            img.draft(None, (need, need))
         if allow_truncated:
             with _truncated_flag_lock.exclusive():
                 previous = ImageFile.LOAD_TRUNCATED_IMAGES
@@ -158,20 +162,23 @@ def _decode(data: bytes, size: int, allow_truncated: bool):
             with _truncated_flag_lock.shared():
                 img.load()
         img = ImageOps.exif_transpose(img)
-        return _rgb_square(img, size)
+        return _rgb_square(img, size, view)
 
 
-def _rgb_square(img, size: int) -> np.ndarray:
+def _rgb_square(img, size: int, view: str = "") -> np.ndarray:
     from PIL import Image
 
-    img = _to_rgb(img)
+    img = apply_view(_to_rgb(img), view)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 
-def pixels_from_array(image: np.ndarray, size: int) -> np.ndarray:
-    """An in-memory uint8 image (h, w), (h, w, 1), (h, w, 3) or (h, w, 4) -> (size, size, 3), as files are."""
+def pixels_from_array(image: np.ndarray, size: int, view: str = "") -> np.ndarray:
+    """An in-memory uint8 image (h, w), (h, w, 1), (h, w, 3) or (h, w, 4) -> (size, size, 3), as files are.
+
+    ``view``: an augmented view (:mod:`fracfeat._views`) applied before the resize, as for files.
+    """
     from PIL import Image
 
     arr = np.asarray(image)
@@ -180,9 +187,9 @@ def pixels_from_array(image: np.ndarray, size: int) -> np.ndarray:
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
         raise ValueError(f"an image array must be uint8 of shape (h, w), (h, w, 3) or (h, w, 4); "
                          f"got {arr.dtype} {arr.shape}")
-    if arr.shape[:2] == (size, size) and arr.ndim == 3 and arr.shape[-1] == 3:
+    if arr.shape[:2] == (size, size) and arr.ndim == 3 and arr.shape[-1] == 3 and not view:
         return arr
-    return _rgb_square(Image.fromarray(arr), size)
+    return _rgb_square(Image.fromarray(arr), size, view)
 
 
 def _is_truncation(exc: Exception) -> bool:
@@ -190,21 +197,21 @@ def _is_truncation(exc: Exception) -> bool:
     return "truncated" in text or "broken data stream" in text or "premature end" in text
 
 
-def decode_bytes(data: bytes, size: int, truncated: str = "read") -> DecodedImage:
-    """Decode image bytes to a (size, size, 3) uint8 array, or say why not."""
+def decode_bytes(data: bytes, size: int, truncated: str = "read", view: str = "") -> DecodedImage:
+    """Decode image bytes to a (size, size, 3) uint8 array (of the given augmented view), or say why not."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         return DecodedImage(None, failure("empty file", "0 bytes"))
     try:
         try:
-            return DecodedImage(_decode(data, size, allow_truncated=False))
+            return DecodedImage(_decode(data, size, allow_truncated=False, view=view))
         except OSError as e:
             if not _is_truncation(e):
                 raise
             if truncated == "reject":
                 return DecodedImage(None, failure("truncated image", f"{e}; pass truncated='read' to use what is there"))
-            return DecodedImage(_decode(data, size, allow_truncated=True), truncated=True)
+            return DecodedImage(_decode(data, size, allow_truncated=True, view=view), truncated=True)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return DecodedImage(None, failure("too large", f"beyond Pillow's decompression-bomb guard ({e}); "
                                                        f"raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"))
@@ -243,7 +250,8 @@ def read_file(path: str) -> tuple[bytes | None, str | None]:
         os.close(fd)
 
 
-def load_image(path: str, size: int, truncated: str = "read", expected_sha256: str | None = None) -> DecodedImage:
+def load_image(path: str, size: int, truncated: str = "read", expected_sha256: str | None = None,
+               view: str = "") -> DecodedImage:
     """Read and decode one file; see the module docstring for the decoding recipe.
 
     With ``expected_sha256`` (the hash the row will be stored under), bytes that no longer match it
@@ -255,4 +263,4 @@ def load_image(path: str, size: int, truncated: str = "read", expected_sha256: s
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         return DecodedImage(None, failure("changed while extracting",
                                           "the file was rewritten after it was hashed; re-run extract"))
-    return decode_bytes(data, size, truncated)
+    return decode_bytes(data, size, truncated, view)

@@ -50,6 +50,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         Input sizes whose features are concatenated (see :func:`fracfeat.extract`).
     layers : sequence of str, optional
         Intermediate layers whose pooled outputs precede the final ones (see :func:`fracfeat.extract`).
+    view : str, optional
+        An augmented view of each image ("hflip", "rot+10", "crop0.8"; see :func:`fracfeat.extract`).
 
     Attributes
     ----------
@@ -79,7 +81,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
 
     def __init__(self, backbone="vgg16", weights="imagenet", image_size=None, pooling="avg", precision="auto",
                  runtime="auto", truncated="read", weights_identity=None, batch_size=32, workers=None, tiles=1,
-                 scales=None, layers=None):
+                 scales=None, layers=None, view=None):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -93,6 +95,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         self.tiles = tiles
         self.scales = scales
         self.layers = layers
+        self.view = view
 
     @classmethod
     def from_provenance(cls, provenance: dict, weights=None, **params) -> "DeepFeatures":
@@ -117,7 +120,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         deep = cls(backbone=config.backbone, weights=weights, image_size=config.image_size, pooling=config.pooling,
                    precision=config.precision, runtime=config.runtime, truncated=config.truncated,
                    weights_identity=config.weights, tiles=config.tiles, scales=config.scales or None,
-                   layers=config.layers or None, **params)
+                   layers=config.layers or None, view=config.view or None, **params)
         deep.fit()
         if deep.fingerprint_ != config.fingerprint:
             raise ConfigError(
@@ -142,23 +145,25 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         """
         from ._engine import choose_precision_and_runtime, resolve_extractor
         from ._config import validate_detail, validate_layers, validate_settings
+        from ._views import check_view
 
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size!r}: give a positive integer")
         if self.weights_identity is None:
             config, _ = resolve_extractor(self.backbone, self.weights, self.image_size, self.pooling,
                                           self.precision, self.runtime, self.truncated, self.tiles, self.scales,
-                                          self.layers)
+                                          self.layers, self.view)
         else:
             spec, size, pool, prec, rt, tr = validate_settings(self.backbone, self.image_size, self.pooling,
                                                                self.precision, self.runtime, self.truncated)
             size, tiles, scales = validate_detail(spec, size, self.tiles, self.scales)
             layers = validate_layers(spec, pool, self.layers)
+            view = check_view(self.view)
             prec, rt = choose_precision_and_runtime(spec, prec, rt)
             config = ExtractorConfig(backbone=spec.name, image_size=size, pooling=pool,
                                      preprocessing=spec.preprocessing, weights=str(self.weights_identity),
                                      precision=prec, runtime=rt, truncated=tr, tiles=tiles, scales=scales,
-                                     layers=layers)
+                                     layers=layers, view=view)
         self.config_ = config
         self.fingerprint_ = config.fingerprint
         self._engine = None
@@ -194,7 +199,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         engine = self.engine()
         out = []
         for start in range(0, len(items), self.batch_size):
-            batch = np.stack([pixels_from_array(im, size) for im in items[start:start + self.batch_size]])
+            batch = np.stack([pixels_from_array(im, size, self.config_.view)
+                              for im in items[start:start + self.batch_size]])
             out.append(engine.forward(batch))
         return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 

@@ -52,12 +52,23 @@ class OutOfFold:
     fold: np.ndarray  # which fold predicted each row
     fit_seconds: list = field(default_factory=list)  # per fold: training (and tuning) time
     details: list = field(default_factory=list)  # per fold: whatever fit_fold returned besides the model
+    # Test-time augmentation, when out_of_fold got views: P(fractured) averaged over the row and its
+    # views, and the decision of that average at each fold model's own threshold.
+    score_tta: np.ndarray | None = None
+    pred_tta: np.ndarray | None = None
 
     def metrics(self, min_specificity: float = 0.85) -> dict:
         return summary_metrics(self.y, self.score, self.pred, min_specificity)
 
 
-def out_of_fold(fs: FeatureSet, fit_fold: Callable, folds) -> OutOfFold:
+def decision_threshold(model) -> float:
+    """The P(fractured) threshold a fitted model decides at: a FixedThresholdClassifier's (last step of a
+    Pipeline or the model itself), else 0.5, the rule of ``predict`` for a probabilistic classifier."""
+    last = model.steps[-1][1] if hasattr(model, "steps") else model
+    return float(getattr(last, "threshold", 0.5))
+
+
+def out_of_fold(fs: FeatureSet, fit_fold: Callable, folds, tta_views=()) -> OutOfFold:
     """Train on each fold's training rows and predict its held-out rows.
 
     Parameters
@@ -69,12 +80,19 @@ def out_of_fold(fs: FeatureSet, fit_fold: Callable, folds) -> OutOfFold:
         ``predict_proba`` and ``predict`` on feature arrays. Anything it tunes, it tunes on ``train`` only.
     folds : list of (train_idx, test_idx)
         E.g. from :func:`grouped_folds`; they must cover every row exactly once as a test row.
+    tta_views : sequence of arrays of shape (n_rows, n_features), optional
+        Features of augmented views of the same rows, in the same order: each held-out row is also
+        scored as the mean P(fractured) over itself and its views (``score_tta``, ``pred_tta``).
     """
     n = len(fs)
     covered = np.concatenate([te for _, te in folds])
     if len(covered) != n or len(np.unique(covered)) != n:
         raise ConfigError("the folds must hold out every row exactly once")
     score, pred, fold = np.empty(n), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    tta_views = [np.asarray(v) for v in tta_views]
+    if any(v.shape != (n, fs.n_features) for v in tta_views):
+        raise ConfigError(f"tta_views must each have the feature set's shape ({n}, {fs.n_features})")
+    score_tta, pred_tta = (np.empty(n), np.empty(n, dtype=np.int64)) if tta_views else (None, None)
     seconds, details = [], []
     for k, (tr, te) in enumerate(folds):
         if np.intersect1d(fs.groups[tr], fs.groups[te]).size and fs.has_groups:
@@ -88,10 +106,14 @@ def out_of_fold(fs: FeatureSet, fit_fold: Callable, folds) -> OutOfFold:
             warnings.simplefilter("ignore")
             score[te] = model.predict_proba(X)[:, 1]
             pred[te] = model.predict(X)
+            if tta_views:
+                views = [model.predict_proba(np.asarray(v[te], dtype=np.float32))[:, 1] for v in tta_views]
+                score_tta[te] = np.mean([score[te], *views], axis=0)
+                pred_tta[te] = score_tta[te] >= decision_threshold(model)
         fold[te] = k
         details.append(info)
     return OutOfFold(y=np.asarray(fs.y), score=score, pred=pred, groups=np.asarray(fs.groups), fold=fold,
-                     fit_seconds=seconds, details=details)
+                     fit_seconds=seconds, details=details, score_tta=score_tta, pred_tta=pred_tta)
 
 
 def sensitivity_at_specificity(y, score, min_specificity: float = 0.85) -> float:
