@@ -10,6 +10,13 @@ Features come from the store (``--store``); a method whose features are missing 
 extracted first (``--skip-missing`` skips it instead). Extraction time is read from the provenance
 of the store version that computed the rows.
 
+Augmentation: ``METHOD+aug`` trains every fold (inner tuning folds included) on the training rows
+plus their augmented views (``--views``, each its own store entry, sharing the original's group);
+test folds are scored on the original images. ``--tta`` adds a ``+tta`` row per method from the same
+fold models: P(fractured) averaged over each test image and its views, decided at the model's own
+threshold. ``cat224+448`` concatenates the 224 px and 448 px average-pooled store entries (multi-scale
+from two existing entries; ``ms224+448`` is the one-pass ``scales=`` extractor).
+
     python benchmarks/accuracy.py --store /work/stores/fracatlas-vgg16 \
         --weights ../shared/weights/vgg16_imagenet_notop.weights.h5 --methods logreg-avg,svm-avg --trials 20
 """
@@ -22,6 +29,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +57,14 @@ EXTRACTORS = {
     "ml4": dict(pooling="avg", layers=("block4_pool",)),
     "ml34": dict(pooling="avg", layers=("block3_pool", "block4_pool")),
 }
+# Feature sets made by concatenating store entries side by side (rows matched by image id).
+CONCATENATED = {"cat224+448": ("avg", "avg448")}
 METHODS = {"baseline": ("flat", "seed-lr")}
-for _ex in ("avg", "max", "avg448", "tiles3", "ms224+448", "ml4", "ml34"):
+for _ex in ("avg", "max", "avg448", "tiles3", "ms224+448", "ml4", "ml34", *CONCATENATED):
     for _clf in ("logreg", "svm", "xgboost", "auto"):
         METHODS[f"{_clf}-{_ex}"] = (_ex, _clf)
+        if _ex not in CONCATENATED:
+            METHODS[f"{_clf}-{_ex}+aug"] = (_ex, _clf)
 DEFAULT_METHODS = "baseline,logreg-avg,svm-avg,xgboost-avg,auto-avg,logreg-max,svm-max,xgboost-max,auto-max"
 
 
@@ -62,8 +74,8 @@ def manifest_rows(data: Path):
     return [str(data / r["path"]) for r in rows], [r["label"] for r in rows], [r["group"] for r in rows]
 
 
-def extractor_kwargs(name: str, args) -> dict:
-    return dict(backbone="vgg16", weights=args.weights, **EXTRACTORS[name])
+def extractor_kwargs(name: str, args, view: str | None = None) -> dict:
+    return dict(backbone="vgg16", weights=args.weights, **EXTRACTORS[name], **({"view": view} if view else {}))
 
 
 def cached_fraction(store: FeatureStore, kwargs: dict, ids) -> float:
@@ -95,13 +107,32 @@ def seed_baseline(train):
     return LogisticRegression(max_iter=1000).fit(train.X, train.y), {"params": "LogisticRegression(max_iter=1000)"}
 
 
-def tuned(classifier: str, args):
+def tuned(classifier: str, args, augment=()):
     def fit_fold(train):
-        res = fit(train, classifier=classifier, n_trials=args.trials, cv=args.inner_cv, seed=args.seed,
-                  threshold="balanced_accuracy", n_threads=args.threads)
+        # augment: whole view sets; fit takes only the views of the training rows (matched by image id).
+        with warnings.catch_warnings():
+            # Concatenated features have no single extractor: the fold model takes arrays (all it needs here).
+            warnings.filterwarnings("ignore", message="the feature set carries no extractor provenance")
+            res = fit(train, classifier=classifier, n_trials=args.trials, cv=args.inner_cv, seed=args.seed,
+                      threshold="balanced_accuracy", n_threads=args.threads, augment=augment)
         return res.pipeline[1:], {"classifier": res.classifier, "inner_cv_auc": res.cv_score,
-                                  "threshold": res.threshold, "trials": res.trials, "best_params": res.best_params}
+                                  "threshold": res.threshold, "trials": res.trials, "best_params": res.best_params,
+                                  "n_train": res.n_train, "augment": list(res.augment)}
     return fit_fold
+
+
+def concatenated(parts: list, store) -> "FeatureSet":
+    """One feature set whose rows put the parts' rows side by side (matched by image id)."""
+    from dataclasses import replace
+
+    first = parts[0]
+    for other in parts[1:]:
+        if list(other.ids) != list(first.ids):
+            raise SystemExit("the concatenated feature sets hold different images")
+    X = np.hstack([np.asarray(p.X, dtype=np.float32) for p in parts])
+    prov = {"fingerprint": "+".join(p.fingerprint for p in parts), "parts": [p.fingerprint for p in parts],
+            "image_size": [p.provenance.get("image_size") for p in parts], "pooling": first.provenance.get("pooling")}
+    return replace(first, X=X, provenance=prov, version=None, x_loader=None)
 
 
 def with_progress(method: str, fit_fold, n_folds: int):
@@ -149,6 +180,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="XGBoost threads")
     ap.add_argument("--limit", type=int, default=None, help="N use=1 rows spread over the manifest (quick checks)")
     ap.add_argument("--skip-missing", action="store_true", help="skip methods whose features are not in the store")
+    ap.add_argument("--views", default="hflip,crop0.8",
+                    help="augmented views for +aug methods and --tta (default: hflip,crop0.8)")
+    ap.add_argument("--tta", action="store_true",
+                    help="also score each method with test-time augmentation (P averaged over the --views)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "accuracy.json")
     args = ap.parse_args(argv)
     if args.table:
@@ -174,41 +209,69 @@ def main(argv=None) -> int:
     folds = grouped_folds(y, groups, args.folds, args.seed)  # one set of folds, shared by every method
     t_all = time.perf_counter()
 
+    views = [v.strip() for v in args.views.split(",") if v.strip()]
     feature_sets, results = {}, []
-    for method in methods:
-        ex, clf = METHODS[method]
-        if ex not in feature_sets:
-            kwargs = extractor_kwargs(ex, args)
+
+    def features(ex: str, view: str | None = None):
+        """The rows of extractor ``ex`` (optionally an augmented view), extracted first if missing; None
+        when missing and --skip-missing."""
+        if (ex, view) in feature_sets:
+            return feature_sets[ex, view]
+        if ex in CONCATENATED:
+            parts = [features(part, view) for part in CONCATENATED[ex]]
+            fs = None if any(p is None for p in parts) else concatenated(parts, store)
+        else:
+            kwargs = extractor_kwargs(ex, args, view)
             if args.skip_missing and cached_fraction(store, kwargs, ids) < 1.0:
-                print(f"# {method}: features {ex} not (all) in {store.root}; skipped (--skip-missing)", flush=True)
-                continue
+                return None
             fs = extract(paths, labels=labels, groups=groups, store=store, progress=True,
                          description="benchmarks/accuracy.py: FracAtlas use=1", **kwargs)
             if len(fs) != len(paths):
                 raise SystemExit(f"{len(paths) - len(fs)} images failed to extract; the folds need every row")
-            feature_sets[ex] = fs
-        fs = feature_sets[ex]
-        fit_fold = seed_baseline if clf == "seed-lr" else tuned(clf, args)
+        feature_sets[ex, view] = fs
+        return fs
+
+    for method in methods:
+        ex, clf = METHODS[method]
+        aug = method.endswith("+aug")
+        fs = features(ex)
+        view_sets = [features(ex, v) for v in views] if (aug or args.tta) else []
+        if fs is None or any(v is None for v in view_sets):
+            print(f"# {method}: features {ex} (or its views) not (all) in {store.root}; skipped (--skip-missing)",
+                  flush=True)
+            continue
+        fit_fold = seed_baseline if clf == "seed-lr" else tuned(clf, args, augment=view_sets if aug else ())
         fit_fold = with_progress(method, fit_fold, args.folds)
-        print(f"# {method}: {len(fs)} images x {fs.n_features} features ...", flush=True)
-        oof = out_of_fold(fs, fit_fold, folds)
-        ci = bootstrap_ci(oof.y, oof.score, oof.pred, oof.groups, n_boot=args.n_boot, seed=args.seed)
-        row = {
-            "method": method, "features": ex, "classifier": clf, "n_features": fs.n_features,
+        print(f"# {method}: {len(fs)} images x {fs.n_features} features"
+              f"{' + views ' + ','.join(views) if aug else ''} ...", flush=True)
+        oof = out_of_fold(fs, fit_fold, folds, tta_views=[v.X for v in view_sets] if args.tta else ())
+        parts = fs.provenance.get("parts", [fs.fingerprint])
+        costs = [extraction_cost(store, f) for f in parts + ([v.fingerprint for v in view_sets] if aug else [])]
+        seconds, images = sum(c["extract_seconds"] for c in costs), sum(c["extract_images"] for c in costs)
+        common = {
+            "features": ex, "classifier": clf, "n_features": fs.n_features,
             "store_version": fs.version, "fingerprint": fs.fingerprint,
             **{k: v for k, v in fs.provenance.items() if k in ("image_size", "pooling", "runtime", "precision",
                                                                 "tiles", "scales", "layers")},
-            **extraction_cost(store, fs.fingerprint),
+            "extract_seconds": round(seconds, 1), "extract_images": images,
+            "images_per_second": round(images / seconds, 2) if seconds else None,
             "tuning_seconds": round(sum(oof.fit_seconds), 1), "fold_seconds": [round(s, 1) for s in oof.fit_seconds],
-            "metrics": ci, "folds": oof.details,
+            "folds": oof.details,
         }
-        results.append(row)
-        print(markdown([row]).splitlines()[-1], flush=True)
+        scored = [(method, oof.score, oof.pred, {"augment": views if aug else []})]
+        if args.tta:
+            scored.append((method + "+tta", oof.score_tta, oof.pred_tta,
+                           {"augment": views if aug else [], "tta_views": views}))
+        for name, score, pred, extra in scored:
+            ci = bootstrap_ci(oof.y, score, pred, oof.groups, n_boot=args.n_boot, seed=args.seed)
+            row = {"method": name, **common, **extra, "metrics": ci}
+            results.append(row)
+            print(markdown([row]).splitlines()[-1], flush=True)
 
     report = {
         "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]),
         "rows": len(paths), "positives": int(y.sum()), "groups": len(set(groups)), "folds": args.folds,
-        "seed": args.seed, "trials_per_fold": args.trials, "inner_cv": args.inner_cv,
+        "seed": args.seed, "trials_per_fold": args.trials, "inner_cv": args.inner_cv, "views": views,
         "bootstrap": {"n_boot": args.n_boot, "resampled": "groups", "level": 0.95},
         "threshold": "tuned methods: maximize balanced accuracy on inner out-of-fold predictions; seed-lr: 0.5",
         "wall_seconds": round(time.perf_counter() - t_all, 1),

@@ -1,0 +1,29 @@
+"""benchmarks/accuracy.py end to end on a few real radiographs (real VGG16 weights), as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_runs_augmented_and_tta_rows(tmp_path, fracatlas, vgg16_weights, python, subprocess_env):
+    out = tmp_path / "acc.json"
+    cmd = [python, str(REPO / "benchmarks" / "accuracy.py"), "--data", str(fracatlas), "--weights", str(vgg16_weights),
+           "--store", str(tmp_path / "store"), "--limit", "30", "--folds", "3", "--trials", "2", "--inner-cv", "2",
+           "--n-boot", "20", "--methods", "logreg-avg+aug", "--views", "hflip", "--tta", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"logreg-avg+aug", "logreg-avg+aug+tta"} and report["views"] == ["hflip"]
+    assert rows["logreg-avg+aug+tta"]["tta_views"] == ["hflip"]
+    # Each fold model trained on its rows and their flipped views: twice the training rows.
+    for fold in rows["logreg-avg+aug"]["folds"]:
+        assert fold["augment"] == ["hflip"] and fold["n_train"] % 2 == 0
+    assert rows["logreg-avg+aug"]["extract_images"] == 60  # 30 images, then their 30 views
+    assert "| logreg-avg+aug+tta |" in proc.stdout
