@@ -132,6 +132,17 @@ class StoredRows:
                              f"or delete the damaged version file (its rows are recomputed on the next extract)") from None
 
 
+def _options_text(attrs) -> str:
+    """``tiles=3 layers=block3_pool,block4_pool view=hflip``: the options a version's extractor was given."""
+    try:
+        prov = json.loads(attrs.get("provenance", "{}"))
+    except (TypeError, ValueError):
+        return ""
+    parts = [f"tiles={prov['tiles']}"] if prov.get("tiles", 1) != 1 else []
+    parts += [f"{k}={','.join(map(str, prov[k]))}" for k in ("scales", "layers") if prov.get(k)]
+    return " ".join(parts + ([f"view={prov['view']}"] if prov.get("view") else []))
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """What ``FeatureStore.versions()`` lists for each version."""
@@ -148,10 +159,12 @@ class VersionInfo:
     n_failed: int
     parent: int
     source: str
+    options: str = ""  # extractor options beyond size and pooling: tiles, scales, layers, view
 
     def describe(self) -> str:
         parent = f", from v{self.parent}" if self.parent else ""
-        return (f"v{self.version}  {self.created}  {self.backbone} {self.image_size}px {self.pooling}  "
+        options = f" {self.options}" if self.options else ""
+        return (f"v{self.version}  {self.created}  {self.backbone} {self.image_size}px {self.pooling}{options}  "
                 f"{self.n_images} images x {self.n_features}  {self.n_failed} failed{parent}  {self.source}")
 
 
@@ -394,7 +407,7 @@ class FeatureStore:
             image_size=int(a.get("image_size", 0)), pooling=str(a.get("pooling", "")),
             n_images=int(f["features"].shape[0]), n_features=int(f["features"].shape[1]),
             n_failed=int(f["failures/paths"].shape[0]), parent=int(a.get("parent", 0)),
-            source=str(a.get("source", "")),
+            source=str(a.get("source", "")), options=_options_text(a),
         )
 
     def versions(self) -> list[VersionInfo]:

@@ -108,11 +108,12 @@ def _extract_kwargs(args) -> dict:
 # -- extract -----------------------------------------------------------------------------------------
 
 def cmd_extract(args) -> int:
-    fs, new = _extract(args.source, args.store, args, description=args.description)
+    fs, new = _extract(args.source, args.store, args, description=args.description, **_given(view=args.view))
     prov = fs.provenance
     how = (f"{prov.get('n_computed', 0)} computed, {prov.get('n_reused', 0)} from cache" if new
            else "unchanged: every image was in the cache")
-    print(f"{args.store}: v{fs.version}  {len(fs)} images x {fs.n_features} features  ({how}, "
+    view = f"  view {prov['view']}" if prov.get("view") else ""
+    print(f"{args.store}: v{fs.version}{view}  {len(fs)} images x {fs.n_features} features  ({how}, "
           f"{len(fs.failures)} failed)")
     if fs.failures:
         print("failed: " + ", ".join(f"{n} {kind}" for kind, n in fs.failure_summary().items()))
@@ -246,17 +247,28 @@ def _print_metrics(metrics: dict) -> None:
         print(key.ljust(18) + "".join(("n/a" if v is None else _fmt(v)).rjust(10) for v in values))
 
 
+def _view_version(store, ref: str):
+    """``--augment`` item -> FeatureSet: a version of ``store`` (``3``, ``v3``) or ``OTHER_STORE@3``."""
+    ref = ref.strip()
+    if "@" in ref:
+        path, version = split_store_ref(ref)
+        return open_store(path).open(version)
+    return store.open(ref)
+
+
 def cmd_fit(args) -> int:
     from . import fit
 
     path, version = split_store_ref(args.store)
     store = open_store(path)
-    result = fit(store, version=version, **_tuning_kwargs(args))
+    augment = [_view_version(store, ref) for ref in (args.augment or "").split(",") if ref.strip()]
+    result = fit(store, version=version, augment=augment, **_tuning_kwargs(args))
     _save_model(result.pipeline, args.out)
     held = "  ".join(f"{k} {result.scoring} {v:.4f}" for k, v in result.scores.items() if k != "cv" and v is not None)
     print(f"{result.classifier}: CV {result.scoring} {result.cv_score:.4f}{'  ' + held if held else ''}  "
           f"({result.trials.get('complete', 0)} trials complete, {result.trials.get('pruned', 0)} pruned; "
-          f"trained on {path} v{result.version}, {result.n_train} images)")
+          f"trained on {path} v{result.version}, {result.n_train} images"
+          f"{' with views ' + ', '.join(result.augment) if result.augment else ''})")
     print(f"best parameters: {json.dumps(result.best_params, default=str)}")
     if result.threshold is not None:
         print(f"decision threshold: {result.threshold:.4f}")
@@ -378,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "feature store (images already in the store's cache are not recomputed).")
     p.add_argument("source", help="folder of class folders (or train/val/test folders), CSV manifest, or image file")
     _add_extract_options(p)
+    p.add_argument("--view", default=None, metavar="VIEW",
+                   help="an augmented view of every image, as its own store entry, for `fit --augment`: hflip, "
+                        "rot+N / rot-N (degrees), or cropF (central fraction, e.g. crop0.8)")
     _add_preset_option(p, "extractor")
     p.add_argument("--description", default="", help="free text kept in the version's provenance")
     p.set_defaults(func=cmd_extract)
@@ -413,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fitted Pipeline, which predicts from image paths.")
     p.add_argument("store", metavar="STORE[@VERSION]", help="feature store folder, optionally @version (default: latest)")
     p.add_argument("--out", required=True, metavar="MODEL", help="where to save the model (.joblib)")
+    p.add_argument("--augment", default=None, metavar="V[,V...]",
+                   help="store versions holding augmented views of the same images (made by `extract --view`), "
+                        "as N, vN or STORE@N: each training row's views join the training side of every fold "
+                        "and the kept model; validation uses the original images only")
     _add_tuning_options(p, classifier="logreg", threshold=None)
     _add_preset_option(p, "tuning")
     p.set_defaults(func=cmd_fit)

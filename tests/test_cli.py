@@ -304,3 +304,22 @@ def test_run_with_a_preset_end_to_end(python, subprocess_env, class_folder, tmp_
     summary = json.loads((out / "report" / "metrics.json").read_text())["summary"]
     assert summary["preset"] == f"{PRESET}, except image_size=32 n_trials=2 cv=2"
     assert summary["classifier"] == "SVC" and summary["backbone"].startswith("vgg16, 32 px, avg pooling")
+
+
+def test_extract_a_view_and_fit_with_augment(python, subprocess_env, class_folder, tmp_path):
+    store, model = tmp_path / "store", tmp_path / "m.joblib"
+    assert fracfeat(python, subprocess_env, "extract", class_folder, "--store", store, *TINY_ARGS, "-q").returncode == 0
+    r = fracfeat(python, subprocess_env, "extract", class_folder, "--store", store, *TINY_ARGS, "-q", "--view", "hflip")
+    assert r.returncode == 0, r.stderr
+    assert "v2  view hflip  12 images" in r.stdout
+    listed = fracfeat(python, subprocess_env, "store", "list", store).stdout.splitlines()
+    assert "view=hflip" in listed[1] and "view=" not in listed[0]
+    r = fracfeat(python, subprocess_env, "fit", f"{store}@1", "--augment", "v2", "--out", model, "--trials", "2",
+                 "--cv", "3", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "24 images with views hflip" in r.stdout
+    # Mistakes are one-line errors: a bad view name, or the images themselves given as their view.
+    assert_user_error(fracfeat(python, subprocess_env, "extract", class_folder, "--store", store, *TINY_ARGS,
+                               "--view", "vflip"), "vflip", "hflip")
+    assert_user_error(fracfeat(python, subprocess_env, "fit", f"{store}@1", "--augment", "1", "--out", model,
+                               "--trials", "1", "--cv", "3"), "not an augmented view")
