@@ -15,7 +15,8 @@ plus their augmented views (``--views``, each its own store entry, sharing the o
 test folds are scored on the original images. ``--tta`` adds a ``+tta`` row per method from the same
 fold models: P(fractured) averaged over each test image and its views, decided at the model's own
 threshold. ``cat224+448`` concatenates the 224 px and 448 px average-pooled store entries (multi-scale
-from two existing entries; ``ms224+448`` is the one-pass ``scales=`` extractor).
+from two existing entries; ``ms224+448`` is the one-pass ``scales=`` extractor); ``cat-ml34+448`` puts
+the multi-layer 224 px entry beside the 448 px one.
 
     python benchmarks/accuracy.py --store /work/stores/fracatlas-vgg16 \
         --weights ../shared/weights/vgg16_imagenet_notop.weights.h5 --methods logreg-avg,svm-avg --trials 20
@@ -58,7 +59,7 @@ EXTRACTORS = {
     "ml34": dict(pooling="avg", layers=("block3_pool", "block4_pool")),
 }
 # Feature sets made by concatenating store entries side by side (rows matched by image id).
-CONCATENATED = {"cat224+448": ("avg", "avg448")}
+CONCATENATED = {"cat224+448": ("avg", "avg448"), "cat-ml34+448": ("ml34", "avg448")}
 METHODS = {"baseline": ("flat", "seed-lr")}
 for _ex in ("avg", "max", "avg448", "tiles3", "ms224+448", "ml4", "ml34", *CONCATENATED):
     for _clf in ("logreg", "svm", "xgboost", "auto"):
