@@ -116,7 +116,10 @@ def tuned(classifier: str, args, augment=()):
             warnings.filterwarnings("ignore", message="the feature set carries no extractor provenance")
             res = fit(train, classifier=classifier, n_trials=args.trials, cv=args.inner_cv, seed=args.seed,
                       threshold="balanced_accuracy", n_threads=args.threads, augment=augment)
-        return res.pipeline[1:], {"classifier": res.classifier, "inner_cv_auc": res.cv_score,
+        # The fold model takes feature arrays: without the image-reading step when fit added one (it does
+        # not for concatenated features, which no single extractor makes).
+        model = res.pipeline[1:] if res.pipeline.steps[0][0] == "features" else res.pipeline
+        return model, {"classifier": res.classifier, "inner_cv_auc": res.cv_score, "steps": list(model.named_steps),
                                   "threshold": res.threshold, "trials": res.trials, "best_params": res.best_params,
                                   "n_train": res.n_train, "augment": list(res.augment)}
     return fit_fold
