@@ -438,7 +438,9 @@ def augmented_rows(data: FeatureSet, fs: FeatureSet, augment) -> list[tuple[str,
     """
     from ._engine import config_from_provenance
 
-    if augment is None or isinstance(augment, (FeatureSet, str, bytes)) or hasattr(augment, "__fspath__"):
+    from ._store import FeatureStore
+
+    if augment is None or isinstance(augment, (FeatureSet, FeatureStore, str, bytes)) or hasattr(augment, "__fspath__"):
         augment = () if augment is None else (augment,)
     if not augment:
         return []

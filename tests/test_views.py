@@ -117,6 +117,8 @@ def test_fit_trains_on_views_and_validates_on_originals(with_views):
     # A store directory whose latest version is the view works as well as the FeatureSet.
     again = fit(fs, classifier="logreg", n_trials=2, cv=3, augment=with_views["crop0.8"].store)
     assert again.n_train == 2 * len(fs) and again.augment == ("crop0.8",)
+    once = fit(fs, classifier="logreg", n_trials=1, cv=3, augment=FeatureStore(with_views["crop0.8"].store))
+    assert once.augment == ("crop0.8",)
 
 
 def test_bad_augment_says_what_to_extract(with_views, tmp_path, fracatlas):
