@@ -92,6 +92,7 @@ def run(
     test_size: float = 0.2,
     storage=None,
     study_name: str | None = None,
+    augment=(),
     progress: bool = True,
     **extract_options,
 ) -> RunResult:
@@ -119,6 +120,11 @@ def run(
         default 0.5 then sacrifices sensitivity.
     test_size : float
         Share of images held out when the source has no test split.
+    augment : sequence of str, optional
+        Augmented views to train on, e.g. ``("hflip",)``: each is extracted from ``source`` with the
+        same settings (:func:`fracfeat.extract` ``view=``) and the training images' views join every
+        training fold and the kept model (:func:`fracfeat.fit` ``augment=``). Held-out images and the
+        saved model see the original images only.
     progress : bool
         Progress bars for extraction and tuning.
     **extract_options
@@ -144,9 +150,18 @@ def run(
     from ._fit import fit
     from ._report import report
 
+    from ._views import check_view
+
     out = Path(out)
     store = out / "store" if store is None else store
+    if isinstance(augment, str):
+        augment = [v for v in augment.replace(" ", "").split(",") if v]
+    augment = [check_view(v) for v in augment or ()]  # bad names fail before any image is read
+    if "view" in extract_options:
+        raise ConfigError("run trains on the images themselves: pass views to train on as augment=('hflip',), "
+                          "not view=")
     fs = extract(source, store=store, progress=progress, **extract_options)
+    views = [extract(source, store=store, progress=progress, view=v, **extract_options) for v in augment]
     labeled = fs.labeled()
     if labeled.y is None or len(np.unique(labeled.y)) < 2:
         raise ConfigError(f"run needs labeled images of both classes; {fs!r} has "
@@ -161,7 +176,7 @@ def run(
                     "with a group column)", source)
     log.info("tuning on %d images, holding out %s", len(train), how)
     result = fit(train, classifier=classifier, n_trials=n_trials, timeout=timeout, cv=cv, scoring=scoring, seed=seed,
-                 threshold=threshold, storage=storage, study_name=study_name, progress=progress)
+                 threshold=threshold, storage=storage, study_name=study_name, progress=progress, augment=views)
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.joblib"
     tmp = out / ".model.joblib.tmp"
@@ -174,6 +189,9 @@ def run(
         "store version": f"{fs.store} v{fs.version}",
         "model file": str(model_path),
     }
+    if views:
+        summary["augmented views"] = (f"{', '.join(augment)}: the training images' views joined every training fold "
+                                      f"and the kept model ({result.n_train} training rows)")
     if preset is not None:
         summary["preset"] = _preset_line(preset, {**extract_options, "classifier": classifier, "n_trials": n_trials,
                                                   "cv": cv, "scoring": scoring, "threshold": threshold})

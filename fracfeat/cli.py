@@ -338,7 +338,8 @@ def cmd_run(args) -> int:
     from . import run
 
     options = {**_extract_kwargs(args), **_tuning_kwargs(args)}  # both carry progress=
-    result = run(args.source, args.out, store=args.store, test_size=args.test_size, **options)
+    result = run(args.source, args.out, store=args.store, test_size=args.test_size, **options,
+                 **_given(augment=args.augment))
     print(f"held out: {result.holdout}")
     _print_metrics(result.metrics)
     print(f"model: {result.model_path}")
@@ -466,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="feature store folder (default: OUT/store)")
     _add_tuning_options(p, classifier="auto", threshold="balanced_accuracy")
     p.add_argument("--test-size", type=float, default=0.2, help="share held out when the source has no test split")
+    p.add_argument("--augment", default=None, metavar="VIEW[,VIEW]",
+                   help="also extract these augmented views of every image (hflip, rot+N, rot-N, cropF) and train "
+                        "on the training images' views too; held-out images and the model use the originals")
     _add_preset_option(p, "extractor and tuning")
     p.set_defaults(func=cmd_run)
 

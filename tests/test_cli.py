@@ -323,3 +323,12 @@ def test_extract_a_view_and_fit_with_augment(python, subprocess_env, class_folde
                                "--view", "vflip"), "vflip", "hflip")
     assert_user_error(fracfeat(python, subprocess_env, "fit", f"{store}@1", "--augment", "1", "--out", model,
                                "--trials", "1", "--cv", "3"), "not an augmented view")
+
+
+def test_run_with_augment(python, subprocess_env, class_folder, tmp_path):
+    r = fracfeat(python, subprocess_env, "run", class_folder, "--out", tmp_path / "out", *TINY_ARGS, "--augment",
+                 "hflip", "--classifier", "logreg", "--trials", "2", "--cv", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "augmented views" in (tmp_path / "out" / "report" / "index.html").read_text()
+    assert_user_error(fracfeat(python, subprocess_env, "run", class_folder, "--out", tmp_path / "o2", *TINY_ARGS,
+                               "--augment", "flip"), "flip", "hflip")

@@ -50,3 +50,24 @@ def test_bad_test_size_and_too_few_images():
         holdout_split(feature_set(), 1.5)
     with pytest.raises(ConfigError, match="at least 5 images of each class"):
         holdout_split(feature_set(n=12), 0.2)
+
+
+@pytest.mark.slow
+def test_run_trains_on_augmented_views_of_the_training_images_only(tmp_path, class_folder):
+    from conftest import TINY
+    from fracfeat import FeatureStore, run
+
+    tiny = {k: v for k, v in TINY.items() if k != "progress"}
+    result = run(class_folder, tmp_path / "out", augment="hflip", classifier="logreg", n_trials=2, cv=2,
+                 progress=False, **tiny)
+    n_train = len(result.features) - result.metrics["held-out"]["n"]
+    assert result.fit.augment == ("hflip",) and result.fit.n_train == 2 * n_train
+    listed = [v.describe() for v in FeatureStore(tmp_path / "out" / "store").versions()]
+    assert len(listed) == 2 and "view=hflip" in listed[1]
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    assert "augmented views" in page and "hflip" in page
+    assert result.fit.pipeline[0].view is None  # the saved model reads the images themselves
+    with pytest.raises(ConfigError, match="not a view"):
+        run(class_folder, tmp_path / "out2", augment=("vflip",), progress=False, **tiny)
+    with pytest.raises(ConfigError, match="augment="):
+        run(class_folder, tmp_path / "out3", view="hflip", progress=False, **tiny)
