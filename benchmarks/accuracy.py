@@ -194,7 +194,11 @@ def main(argv=None) -> int:
         for path in args.table:
             report = json.loads(path.read_text())
             print(f"<!-- {path.name}: {report['command']} (wall {report['wall_seconds']:.0f}s) -->")
-        print(markdown([r for path in args.table for r in json.loads(path.read_text())["results"]]))
+        rows = {}  # a method measured in several files is shown once: its first file's row
+        for path in args.table:
+            for r in json.loads(path.read_text())["results"]:
+                rows.setdefault(r["method"], r)
+        print(markdown(list(rows.values())))
         return 0
     if args.store is None:
         ap.error("--store is required (or --table to print earlier results)")
@@ -250,22 +254,27 @@ def main(argv=None) -> int:
               f"{' + views ' + ','.join(views) if aug else ''} ...", flush=True)
         oof = out_of_fold(fs, fit_fold, folds, tta_views=[v.X for v in view_sets] if args.tta else ())
         parts = fs.provenance.get("parts", [fs.fingerprint])
-        costs = [extraction_cost(store, f) for f in parts + ([v.fingerprint for v in view_sets] if aug else [])]
-        seconds, images = sum(c["extract_seconds"] for c in costs), sum(c["extract_images"] for c in costs)
+
+        def cost(with_views: bool) -> dict:
+            """Extraction of the rows, plus of their views where the row needs them (+aug, +tta)."""
+            view_parts = [f for v in view_sets for f in v.provenance.get("parts", [v.fingerprint])]
+            costs = [extraction_cost(store, f) for f in parts + (view_parts if with_views else [])]
+            seconds, images = sum(c["extract_seconds"] for c in costs), sum(c["extract_images"] for c in costs)
+            return {"extract_seconds": round(seconds, 1), "extract_images": images,
+                    "images_per_second": round(images / seconds, 2) if seconds else None}
+
         common = {
             "features": ex, "classifier": clf, "n_features": fs.n_features,
             "store_version": fs.version, "fingerprint": fs.fingerprint,
             **{k: v for k, v in fs.provenance.items() if k in ("image_size", "pooling", "runtime", "precision",
                                                                 "tiles", "scales", "layers")},
-            "extract_seconds": round(seconds, 1), "extract_images": images,
-            "images_per_second": round(images / seconds, 2) if seconds else None,
             "tuning_seconds": round(sum(oof.fit_seconds), 1), "fold_seconds": [round(s, 1) for s in oof.fit_seconds],
             "folds": oof.details,
         }
-        scored = [(method, oof.score, oof.pred, {"augment": views if aug else []})]
+        scored = [(method, oof.score, oof.pred, {"augment": views if aug else [], **cost(aug)})]
         if args.tta:
             scored.append((method + "+tta", oof.score_tta, oof.pred_tta,
-                           {"augment": views if aug else [], "tta_views": views}))
+                           {"augment": views if aug else [], "tta_views": views, **cost(True)}))
         for name, score, pred, extra in scored:
             ci = bootstrap_ci(oof.y, score, pred, oof.groups, n_boot=args.n_boot, seed=args.seed)
             row = {"method": name, **common, **extra, "metrics": ci}

@@ -27,6 +27,8 @@ def test_accuracy_benchmark_runs_augmented_and_tta_rows(tmp_path, fracatlas, vgg
     for fold in rows["logreg-avg+aug"]["folds"]:
         assert fold["augment"] == ["hflip"] and fold["n_train"] % 2 == 0
     assert rows["logreg-avg+aug"]["extract_images"] == 60  # 30 images, then their 30 views
+    # Test-time augmentation needs the views too: two scales and their two flipped views, 30 images each.
+    assert rows["logreg-cat224+448"]["extract_images"] == 60 and rows["logreg-cat224+448+tta"]["extract_images"] == 120
     assert "| logreg-avg+aug+tta |" in proc.stdout
     # Every fold model scores feature arrays with its whole head: scaling, reduction, classifier (a bug
     # once dropped the scaler of models fit on concatenated features, which have no image-reading step).
