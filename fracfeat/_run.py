@@ -149,7 +149,6 @@ def run(
     from ._extract import extract
     from ._fit import fit
     from ._report import report
-
     from ._views import check_view
 
     out = Path(out)
