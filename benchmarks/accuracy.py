@@ -125,7 +125,7 @@ def tuned(classifier: str, args, augment=()):
     return fit_fold
 
 
-def concatenated(parts: list, store) -> "FeatureSet":
+def concatenated(parts: list) -> "FeatureSet":
     """One feature set whose rows put the parts' rows side by side (matched by image id)."""
     from dataclasses import replace
 
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
             return feature_sets[ex, view]
         if ex in CONCATENATED:
             parts = [features(part, view) for part in CONCATENATED[ex]]
-            fs = None if any(p is None for p in parts) else concatenated(parts, store)
+            fs = None if any(p is None for p in parts) else concatenated(parts)
         else:
             kwargs = extractor_kwargs(ex, args, view)
             if args.skip_missing and cached_fraction(store, kwargs, ids) < 1.0:

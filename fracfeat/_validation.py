@@ -16,6 +16,7 @@ import numpy as np
 
 from ._errors import ConfigError
 from ._featureset import FeatureSet
+from ._report import decision_threshold
 
 # Metrics reported per method; each maps (y, score, pred) -> float.
 SUMMARY_KEYS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "sensitivity_at_specificity")
@@ -61,13 +62,6 @@ class OutOfFold:
         return summary_metrics(self.y, self.score, self.pred, min_specificity)
 
 
-def decision_threshold(model) -> float:
-    """The P(fractured) threshold a fitted model decides at: a FixedThresholdClassifier's (last step of a
-    Pipeline or the model itself), else 0.5, the rule of ``predict`` for a probabilistic classifier."""
-    last = model.steps[-1][1] if hasattr(model, "steps") else model
-    return float(getattr(last, "threshold", 0.5))
-
-
 def out_of_fold(fs: FeatureSet, fit_fold: Callable, folds, tta_views=()) -> OutOfFold:
     """Train on each fold's training rows and predict its held-out rows.
 
@@ -109,7 +103,9 @@ def out_of_fold(fs: FeatureSet, fit_fold: Callable, folds, tta_views=()) -> OutO
             if tta_views:
                 views = [model.predict_proba(np.asarray(v[te], dtype=np.float32))[:, 1] for v in tta_views]
                 score_tta[te] = np.mean([score[te], *views], axis=0)
-                pred_tta[te] = score_tta[te] >= decision_threshold(model)
+                # The fold model's own threshold; 0.5 (predict's rule for probabilities) when it keeps none.
+                kept = decision_threshold(model)
+                pred_tta[te] = score_tta[te] >= (0.5 if kept is None else kept)
         fold[te] = k
         details.append(info)
     return OutOfFold(y=np.asarray(fs.y), score=score, pred=pred, groups=np.asarray(fs.groups), fold=fold,
