@@ -14,9 +14,10 @@ Augmentation: ``METHOD+aug`` trains every fold (inner tuning folds included) on 
 plus their augmented views (``--views``, each its own store entry, sharing the original's group);
 test folds are scored on the original images. ``--tta`` adds a ``+tta`` row per method from the same
 fold models: P(fractured) averaged over each test image and its views, decided at the model's own
-threshold. ``cat224+448`` concatenates the 224 px and 448 px average-pooled store entries (multi-scale
-from two existing entries; ``ms224+448`` is the one-pass ``scales=`` extractor); ``cat-ml34+448`` puts
-the multi-layer 224 px entry beside the 448 px one.
+threshold. ``cat224+448`` joins the 224 px and 448 px average-pooled store entries side by side
+(``fracfeat.join_features``, as ``extract(join=...)`` makes them; ``ms224+448`` is the one-pass
+``scales=`` extractor); ``cat-ml34+448`` puts the multi-layer 224 px entry beside the 448 px one: the
+``fracatlas-vgg16-ml34-448-svm`` preset.
 
     python benchmarks/accuracy.py --store /work/stores/fracatlas-vgg16 \
         --weights ../shared/weights/vgg16_imagenet_notop.weights.h5 --methods logreg-avg,svm-avg --trials 20
@@ -30,14 +31,13 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fracfeat import FeatureStore, extract, fit  # noqa: E402
+from fracfeat import FeatureStore, extract, fit, join_features  # noqa: E402
 from fracfeat._engine import resolve_extractor  # noqa: E402
 from fracfeat._extract import hash_files  # noqa: E402
 from fracfeat._validation import bootstrap_ci, grouped_folds, out_of_fold  # noqa: E402
@@ -58,14 +58,13 @@ EXTRACTORS = {
     "ml4": dict(pooling="avg", layers=("block4_pool",)),
     "ml34": dict(pooling="avg", layers=("block3_pool", "block4_pool")),
 }
-# Feature sets made by concatenating store entries side by side (rows matched by image id).
-CONCATENATED = {"cat224+448": ("avg", "avg448"), "cat-ml34+448": ("ml34", "avg448")}
+# Store entries joined side by side (fracfeat.join_features: rows matched by image id), as extract(join=) makes them.
+JOINED = {"cat224+448": ("avg", "avg448"), "cat-ml34+448": ("ml34", "avg448")}
 METHODS = {"baseline": ("flat", "seed-lr")}
-for _ex in ("avg", "max", "avg448", "tiles3", "ms224+448", "ml4", "ml34", *CONCATENATED):
+for _ex in ("avg", "max", "avg448", "tiles3", "ms224+448", "ml4", "ml34", *JOINED):
     for _clf in ("logreg", "svm", "xgboost", "auto"):
         METHODS[f"{_clf}-{_ex}"] = (_ex, _clf)
-        if _ex not in CONCATENATED:
-            METHODS[f"{_clf}-{_ex}+aug"] = (_ex, _clf)
+        METHODS[f"{_clf}-{_ex}+aug"] = (_ex, _clf)
 DEFAULT_METHODS = "baseline,logreg-avg,svm-avg,xgboost-avg,auto-avg,logreg-max,svm-max,xgboost-max,auto-max"
 
 
@@ -111,32 +110,15 @@ def seed_baseline(train):
 def tuned(classifier: str, args, augment=()):
     def fit_fold(train):
         # augment: whole view sets; fit takes only the views of the training rows (matched by image id).
-        with warnings.catch_warnings():
-            # Concatenated features have no single extractor: the fold model takes arrays (all it needs here).
-            warnings.filterwarnings("ignore", message="the feature set carries no extractor provenance")
-            res = fit(train, classifier=classifier, n_trials=args.trials, cv=args.inner_cv, seed=args.seed,
-                      threshold="balanced_accuracy", n_threads=args.threads, augment=augment)
-        # The fold model takes feature arrays: without the image-reading step when fit added one (it does
-        # not for concatenated features, which no single extractor makes).
+        res = fit(train, classifier=classifier, n_trials=args.trials, cv=args.inner_cv, seed=args.seed,
+                  threshold="balanced_accuracy", n_threads=args.threads, augment=augment)
+        # The fold model takes feature arrays: the Pipeline without its image-reading step (DeepFeatures, or
+        # JoinedFeatures for joined store entries).
         model = res.pipeline[1:] if res.pipeline.steps[0][0] == "features" else res.pipeline
         return model, {"classifier": res.classifier, "inner_cv_auc": res.cv_score, "steps": list(model.named_steps),
                                   "threshold": res.threshold, "trials": res.trials, "best_params": res.best_params,
                                   "n_train": res.n_train, "augment": list(res.augment)}
     return fit_fold
-
-
-def concatenated(parts: list) -> "FeatureSet":
-    """One feature set whose rows put the parts' rows side by side (matched by image id)."""
-    from dataclasses import replace
-
-    first = parts[0]
-    for other in parts[1:]:
-        if list(other.ids) != list(first.ids):
-            raise SystemExit("the concatenated feature sets hold different images")
-    X = np.hstack([np.asarray(p.X, dtype=np.float32) for p in parts])
-    prov = {"fingerprint": "+".join(p.fingerprint for p in parts), "parts": [p.fingerprint for p in parts],
-            "image_size": [p.provenance.get("image_size") for p in parts], "pooling": first.provenance.get("pooling")}
-    return replace(first, X=X, provenance=prov, version=None, x_loader=None)
 
 
 def with_progress(method: str, fit_fold, n_folds: int):
@@ -225,9 +207,9 @@ def main(argv=None) -> int:
         when missing and --skip-missing."""
         if (ex, view) in feature_sets:
             return feature_sets[ex, view]
-        if ex in CONCATENATED:
-            parts = [features(part, view) for part in CONCATENATED[ex]]
-            fs = None if any(p is None for p in parts) else concatenated(parts)
+        if ex in JOINED:
+            parts = [features(part, view) for part in JOINED[ex]]
+            fs = None if any(p is None for p in parts) else join_features(*parts)
         else:
             kwargs = extractor_kwargs(ex, args, view)
             if args.skip_missing and cached_fraction(store, kwargs, ids) < 1.0:
@@ -253,21 +235,22 @@ def main(argv=None) -> int:
         print(f"# {method}: {len(fs)} images x {fs.n_features} features"
               f"{' + views ' + ','.join(views) if aug else ''} ...", flush=True)
         oof = out_of_fold(fs, fit_fold, folds, tta_views=[v.X for v in view_sets] if args.tta else ())
-        parts = fs.provenance.get("parts", [fs.fingerprint])
+        made = fs.provenance.get("parts") or [fs.provenance]  # one store version, or the joined ones
 
         def cost(with_views: bool) -> dict:
             """Extraction of the rows, plus of their views where the row needs them (+aug, +tta)."""
-            view_parts = [f for v in view_sets for f in v.provenance.get("parts", [v.fingerprint])]
-            costs = [extraction_cost(store, f) for f in parts + (view_parts if with_views else [])]
+            view_parts = [p for v in view_sets for p in v.provenance.get("parts") or [v.provenance]]
+            costs = [extraction_cost(store, p["fingerprint"]) for p in made + (view_parts if with_views else [])]
             seconds, images = sum(c["extract_seconds"] for c in costs), sum(c["extract_images"] for c in costs)
             return {"extract_seconds": round(seconds, 1), "extract_images": images,
                     "images_per_second": round(images / seconds, 2) if seconds else None}
 
+        settings = [{k: v for k, v in p.items() if k in ("image_size", "pooling", "runtime", "precision", "tiles",
+                                                          "scales", "layers", "version")} for p in made]
         common = {
             "features": ex, "classifier": clf, "n_features": fs.n_features,
-            "store_version": fs.version, "fingerprint": fs.fingerprint,
-            **{k: v for k, v in fs.provenance.items() if k in ("image_size", "pooling", "runtime", "precision",
-                                                                "tiles", "scales", "layers")},
+            "store_version": fs.version_label, "fingerprint": fs.fingerprint,
+            **(settings[0] if len(settings) == 1 else {"parts": settings}),
             "tuning_seconds": round(sum(oof.fit_seconds), 1), "fold_seconds": [round(s, 1) for s in oof.fit_seconds],
             "folds": oof.details,
         }

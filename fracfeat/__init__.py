@@ -3,6 +3,7 @@
 Public API (everything else lives in private modules)::
 
     from fracfeat import extract, fit, evaluate, report, run, load_model, presets, FeatureStore, FeatureSet, DeepFeatures
+    from fracfeat import join_features  # features of several extractors side by side
 
 Importing fracfeat is cheap: TensorFlow/Keras, XGBoost, Optuna and matplotlib load only when used.
 """
@@ -18,7 +19,7 @@ from ._errors import (
     WeightsError,
 )
 from ._extract import extract
-from ._featureset import FeatureSet
+from ._featureset import FeatureSet, join_features
 from ._fit import FitResult, fit
 from ._metrics import METRIC_KEYS, evaluate, load_model
 from ._presets import Preset, presets
@@ -41,6 +42,7 @@ __all__ = [
     "FitResult",
     "METRIC_KEYS",
     "FeatureSet",
+    "join_features",
     "FeatureStore",
     "FracfeatError",
     "ConfigError",

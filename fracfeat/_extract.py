@@ -16,7 +16,7 @@ import numpy as np
 from ._engine import FeatureEngine, preferred_batch_size, resolve_extractor
 from ._errors import ConfigError, ImageError, SourceError
 from ._faults import pause_point
-from ._featureset import FeatureSet
+from ._featureset import FeatureSet, join_features
 from ._images import failure_kind, read_file
 from ._presets import preset_defaults
 from ._sources import load_records
@@ -60,6 +60,32 @@ def _runtime_versions(engine_versions: dict | None, store: FeatureStore, fingerp
     return {k: engine_versions.get(k, "") for k in keys}
 
 
+# Extractor settings a part of extract(join=...) may change; the rest (weights, view, store...) is the call's.
+JOIN_SETTINGS = ("backbone", "image_size", "pooling", "tiles", "scales", "layers", "precision", "runtime")
+
+
+def join_parts(join) -> list[dict]:
+    """extract's ``join=``, checked: two or more dicts of extractor settings, no two alike."""
+    from collections.abc import Mapping
+
+    if isinstance(join, Mapping) or isinstance(join, (str, bytes)) or not all(isinstance(p, Mapping) for p in join):
+        raise ConfigError(f"join={join!r}: give a list of dicts of extractor settings, one per part, e.g. "
+                          f"[dict(layers=('block3_pool', 'block4_pool')), dict(image_size=448)]")
+    parts = [dict(p) for p in join]
+    if len(parts) < 2:
+        raise ConfigError(f"join= needs two or more parts (got {len(parts)}); for one, pass its settings directly")
+    for n, part in enumerate(parts, 1):
+        unknown = sorted(set(part) - set(JOIN_SETTINGS))
+        if unknown:
+            raise ConfigError(f"join part {n} sets {', '.join(unknown)}: a part may change only "
+                              f"{', '.join(JOIN_SETTINGS)}; pass the others to the call itself")
+    for n, part in enumerate(parts, 1):
+        if part in parts[:n - 1]:
+            raise ConfigError(f"join part {n} repeats part {parts.index(part) + 1} ({part}): it would add the same "
+                              f"features twice")
+    return parts
+
+
 @preset_defaults("extract")
 def extract(
     source,
@@ -74,6 +100,7 @@ def extract(
     scales=None,
     layers=None,
     view=None,
+    join=None,
     batch_size: int | None = None,
     precision: str = "auto",
     runtime: str = "auto",
@@ -132,6 +159,12 @@ def extract(
         decoded at full detail). Its own store entry (the view is in the fingerprint and provenance);
         rows keep the original's id, path and group, so :func:`fracfeat.fit` can train on them with
         ``augment=`` without a view ever crossing a fold.
+    join : sequence of dict, optional
+        Features of several extractors side by side: each dict changes some of this call's extractor
+        settings (``backbone``, ``image_size``, ``pooling``, ``tiles``, ``scales``, ``layers``,
+        ``precision``, ``runtime``), e.g. ``[dict(layers=("block3_pool", "block4_pool")),
+        dict(image_size=448)]``. Each part is extracted as its own store version (cached like any
+        other) and the result is :func:`fracfeat.join_features` of them, in this order.
     batch_size : int, optional
         Images per forward pass; None lets the engine choose (256 on a GPU, 32 on CPUs).
     precision : {"auto", "float32", "bfloat16", "float16"}
@@ -172,6 +205,9 @@ def extract(
     >>> fs.X.shape, fs.version                                                    # doctest: +SKIP
     ((4083, 512), 1)
     """
+    if join is not None:
+        call = {k: v for k, v in locals().items() if k not in ("source", "preset", "join")}
+        return join_features(*(extract(source, **{**call, **part}) for part in join_parts(join)))
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ConfigError(f"batch_size={batch_size!r}: give a positive integer")
     if not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:

@@ -61,14 +61,23 @@ class FeatureSet:
     def __repr__(self) -> str:
         n_pos = int((self.y == 1).sum()) if self.y is not None else None
         lab = f", {n_pos} fractured" if n_pos is not None else ", unlabeled"
-        return (f"FeatureSet({len(self)} images x {self.n_features} features{lab}, "
-                f"backbone={self.provenance.get('backbone')!r}, version={self.version}, failures={len(self.failures)})")
+        made = (f"backbone={self.provenance.get('backbone')!r}, version={self.version}"
+                if not self.provenance.get("parts") else f"joined versions {self.version_label}")
+        return f"FeatureSet({len(self)} images x {self.n_features} features{lab}, {made}, failures={len(self.failures)})"
 
     @property
     def n_features(self) -> int:
         if self._X is None and self.x_loader is not None:
             return int(self.x_loader.n_features)
         return int(self.X.shape[1]) if self.X.ndim == 2 else 0
+
+    @property
+    def version_label(self) -> str | None:
+        """The store version as text: ``"3"``, or ``"1+2"`` for joined features (their parts' versions)."""
+        parts = self.provenance.get("parts")
+        if parts:
+            return "+".join(str(p.get("version")) for p in parts)
+        return None if self.version is None else str(self.version)
 
     @property
     def fingerprint(self) -> str | None:
@@ -94,6 +103,17 @@ class FeatureSet:
         from ._images import failure_kind
 
         return dict(Counter(failure_kind(f["reason"]) for f in self.failures).most_common())
+
+    def rows_of(self, ids) -> tuple[np.ndarray, int]:
+        """(the row of each image id in ``ids``, -1 where this set lacks it; how many it lacks).
+
+        An image held twice (same bytes under two paths) maps to its first row: their features are equal.
+        """
+        where = {}
+        for i, image_id in enumerate(self.ids):
+            where.setdefault(str(image_id), i)
+        rows = np.array([where.get(str(image_id), -1) for image_id in ids], dtype=np.int64)
+        return rows, int((rows < 0).sum())
 
     def subset(self, rows) -> "FeatureSet":
         """A FeatureSet of the selected rows (boolean mask or integer indices)."""
@@ -141,3 +161,54 @@ def classes_from_rows(labels: np.ndarray, class_names: np.ndarray) -> tuple[str,
         if len(seen) == 1:
             names[label] = seen[0]
     return tuple(names)
+
+
+def join_features(*sets: FeatureSet) -> FeatureSet:
+    """Feature sets of the same images side by side: one row per image, the sets' features concatenated.
+
+    Features of different extractors complement each other (intermediate layers at 224 px beside the
+    final layer at 448 px, say). Each part keeps its own store version and provenance, and
+    :func:`fracfeat.fit` on the joined set gives a Pipeline whose feature step (a
+    :class:`~fracfeat._transformer.JoinedFeatures`) makes every part from the image, so it still
+    takes image paths.
+
+    Parameters
+    ----------
+    *sets : FeatureSet
+        Two or more, e.g. from :func:`fracfeat.extract` or ``FeatureStore.open``. Rows are matched by
+        image id (sha256 of the file); the first set's rows, labels and groups are kept, and every
+        other set must hold each of its images.
+
+    Returns
+    -------
+    FeatureSet
+        ``provenance["parts"]`` holds each part's provenance (with its ``store`` and ``version``);
+        its fingerprint is the parts' joined by ``+``.
+
+    Examples
+    --------
+    >>> from fracfeat import FeatureStore, join_features
+    >>> store = FeatureStore("fracfeat-store")                               # doctest: +SKIP
+    >>> both = join_features(store.open(2), store.open(3))                   # doctest: +SKIP
+    """
+    from ._errors import ConfigError
+
+    if len(sets) < 2 or not all(isinstance(s, FeatureSet) for s in sets):
+        raise ConfigError(f"join_features takes two or more FeatureSets, got "
+                          f"{', '.join(type(s).__name__ for s in sets) or 'none'}")
+    first = sets[0]
+    parts, blocks = [], []
+    for n, part in enumerate(sets, 1):
+        if part.provenance.get("parts"):
+            raise ConfigError(f"feature set {n} is already joined: pass its parts to join_features instead")
+        rows, missing = part.rows_of(first.ids)
+        if missing:
+            raise ConfigError(f"feature set {n} ({part!r}) lacks {missing} of the {len(first)} images of the first; "
+                              f"extract the same images with both settings")
+        blocks.append(np.asarray(part.X, dtype=np.float32)[rows])
+        parts.append({**part.provenance, "store": part.store, "version": part.version, "n_features": part.n_features})
+    provenance = {"parts": parts, "fingerprint": "+".join(str(p.get("fingerprint")) for p in parts),
+                  "source": first.provenance.get("source", ""), "n_features": int(sum(b.shape[1] for b in blocks))}
+    stores = {p["store"] for p in parts}
+    return replace(first, X=np.hstack(blocks), version=None, provenance=provenance, x_loader=None,
+                   store=stores.pop() if len(stores) == 1 else None)

@@ -75,7 +75,7 @@ class FitResult:
     grouped: bool
     trials: dict
     store: str | None = None
-    version: int | None = None
+    version: int | str | None = None
     fingerprint: str | None = None
     seconds: float = 0.0
     fold_scores: list = field(default_factory=list)
@@ -299,8 +299,9 @@ def fit(
     threshold : None, "balanced_accuracy", or a target sensitivity ("sensitivity:0.9")
         Choose the decision threshold on out-of-fold probabilities of the training folds and keep it in
         the Pipeline (a FixedThresholdClassifier wraps the classifier).
-    version : int or "latest"
-        Store version, when ``features`` is a store.
+    version : int, "latest", or "2+3"
+        Store version, when ``features`` is a store; ``"2+3"`` joins versions 2 and 3
+        (:func:`fracfeat.join_features`).
     weights : path, optional
         Where the backbone weights are now, if they moved since extraction (verified by sha256).
     n_threads : int, optional
@@ -423,7 +424,8 @@ def fit(
         pipeline=pipeline, study=study, best_params=dict(best.params), cv_score=float(best.value), classifier=family,
         scoring=str(scoring), scores=scores, threshold=chosen, n_train=int(len(y)) * (1 + len(views)),
         cv_folds=len(folds), augment=tuple(view_names),
-        grouped=grouped, trials=counts, store=fs.store, version=fs.version, fingerprint=fs.fingerprint,
+        grouped=grouped, trials=counts, store=fs.store,
+        version=fs.version if fs.version is not None else fs.version_label, fingerprint=fs.fingerprint,
         seconds=round(time.perf_counter() - t_start, 3), fold_scores=list(best.user_attrs.get("fold_scores", [])),
     )
     log.info("%r", result)
@@ -436,8 +438,6 @@ def augmented_rows(data: FeatureSet, fs: FeatureSet, augment) -> list[tuple[str,
     A view set must come from the same extractor as ``fs`` except its ``view``, and hold every row
     of ``data`` (matched by image id); anything else is a ConfigError that says what to extract.
     """
-    from ._engine import config_from_provenance
-
     from ._store import FeatureStore
 
     if augment is None or isinstance(augment, (FeatureSet, FeatureStore, str, bytes)) or hasattr(augment, "__fspath__"):
@@ -445,38 +445,48 @@ def augmented_rows(data: FeatureSet, fs: FeatureSet, augment) -> list[tuple[str,
     if not augment:
         return []
     try:
-        base = config_from_provenance(fs.provenance).as_dict()
+        base, base_view = _settings_and_view(fs.provenance)
     except ConfigError as e:
         raise ConfigError(f"augment= needs features from a store version (their provenance says how they were "
                           f"made): {e}") from None
-    base.pop("view", None)
     out, seen = [], set()
     for item in augment:
         vs = as_feature_set(item)
-        config = config_from_provenance(vs.provenance)
-        other = config.as_dict()
-        other.pop("view", None)
-        name = config.view
-        if not name or name == (fs.provenance.get("view") or ""):
+        other, name = _settings_and_view(vs.provenance)
+        if not name or name == base_view:
             raise ConfigError(f"augment: {vs!r} holds the images themselves, not an augmented view; extract one "
                               f"with view='hflip' (or 'rot+10', 'crop0.8') and pass that")
-        differing = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+        if len(other) != len(base):
+            raise ConfigError(f"augment: view {name!r} joins {len(other)} extractors' features, the training "
+                              f"features {len(base)}; extract the view with the same settings")
+        differing = sorted({k for mine, theirs in zip(base, other) for k in set(mine) | set(theirs)
+                            if mine.get(k) != theirs.get(k)})
         if differing:
             raise ConfigError(f"augment: view {name!r} was extracted with other settings than the training "
                               f"features ({', '.join(differing)} differ); extract it with the same settings")
         if name in seen:
             raise ConfigError(f"augment: view {name!r} is given twice")
         seen.add(name)
-        where = {}
-        for i, image_id in enumerate(vs.ids):
-            where.setdefault(str(image_id), i)
-        rows = [where.get(str(image_id), -1) for image_id in data.ids]
-        missing = sum(1 for r in rows if r < 0)
+        rows, missing = vs.rows_of(data.ids)
         if missing:
             raise ConfigError(f"augment: view {name!r} (version {vs.version}) lacks {missing} of the {len(data)} "
                               f"training images; extract the view over the same images")
         out.append((name, np.asarray(vs.X, dtype=np.float32)[rows]))
     return out
+
+
+def _settings_and_view(provenance: dict) -> tuple[list[dict], str]:
+    """(each part's extractor settings but its view, the view) from a feature set's provenance.
+
+    One part for a store version's features, one per part for joined ones (the view of all parts;
+    "mixed" when they differ, which no extract call makes).
+    """
+    from ._engine import config_from_provenance
+
+    configs = [config_from_provenance(p) for p in provenance.get("parts") or [provenance]]
+    settings = [{k: v for k, v in c.as_dict().items() if k != "view"} for c in configs]
+    views = {c.view for c in configs}
+    return settings, views.pop() if len(views) == 1 else "mixed"
 
 
 def _rows_digest(fs: FeatureSet) -> str:
@@ -501,15 +511,20 @@ def _threshold_from_folds(head, X, y, folds, goal, training) -> float:
 
 
 def _with_feature_step(head, fs: FeatureSet, weights):
-    """[DeepFeatures] + head, when the features come from a store version (they say how they were made)."""
+    """[DeepFeatures] + head, when the features come from a store version (they say how they were made);
+    [JoinedFeatures] + head for joined features (each part from its own store version)."""
     from sklearn.pipeline import Pipeline
 
-    from ._transformer import DeepFeatures
+    from ._transformer import DeepFeatures, JoinedFeatures
 
-    if not fs.provenance.get("backbone"):
+    parts = fs.provenance.get("parts") or [fs.provenance]
+    if not all(p.get("backbone") for p in parts):
         warnings.warn("the feature set carries no extractor provenance: the Pipeline takes feature arrays, "
                       "not image paths", stacklevel=3)
         return head
-    deep = DeepFeatures.from_provenance(fs.provenance, weights=weights)
-    deep.trained_on_ = {"store": fs.store, "version": fs.version, "fingerprint": fs.fingerprint}
+    extractors = [DeepFeatures.from_provenance(p, weights=weights) for p in parts]
+    deep = extractors[0] if len(extractors) == 1 else JoinedFeatures(
+        [(f"part{i}", d) for i, d in enumerate(extractors, 1)])
+    deep.trained_on_ = {"store": fs.store, "version": fs.version if len(extractors) == 1 else fs.version_label,
+                        "fingerprint": fs.fingerprint}
     return Pipeline([("features", deep), *head.steps])

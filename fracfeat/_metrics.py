@@ -63,10 +63,10 @@ def _pipeline_of(model):
 
 def _split_feature_step(model):
     """(DeepFeatures or None, the part that takes feature arrays)."""
-    from ._transformer import DeepFeatures
+    from ._transformer import DeepFeatures, JoinedFeatures
 
     steps = getattr(model, "steps", None)
-    if steps and isinstance(steps[0][1], DeepFeatures):
+    if steps and isinstance(steps[0][1], (DeepFeatures, JoinedFeatures)):
         return steps[0][1], model[1:]
     return None, model
 
@@ -148,11 +148,17 @@ def predict_rows(model, features_or_source, *, version="latest") -> Predictions:
         if rows.y is None or not len(rows):
             raise ConfigError(f"{data!r} has no labeled rows to evaluate on")
         if deep is not None and rows.fingerprint and rows.fingerprint != deep.fingerprint_:
+            from ._transformer import describe_extractor
+
+            made = " + ".join(f"{p.get('backbone')} {p.get('image_size')}px {p.get('pooling')}"
+                              for p in rows.provenance.get("parts", [rows.provenance]))
+            def short(fingerprint):
+                return "+".join(f[:12] for f in fingerprint.split("+"))
+
             raise ConfigError(
-                f"the feature set was made by another extractor (fingerprint {rows.fingerprint[:12]}, "
-                f"{rows.provenance.get('backbone')} {rows.provenance.get('image_size')}px) than the model's "
-                f"({deep.fingerprint_[:12]}, {deep.config_.backbone} {deep.config_.image_size}px): evaluate on the "
-                f"images (a folder or CSV) instead, or on a store version made with the model's settings")
+                f"the feature set was made by another extractor (fingerprint {short(rows.fingerprint)}, {made}) than "
+                f"the model's ({short(deep.fingerprint_)}, {describe_extractor(deep)}): evaluate on the images (a "
+                f"folder or CSV) instead, or on store features made with the model's settings")
         pred, score = _scores(head, rows.X)
         y, splits, failed_splits = rows.y, rows.splits, np.array([], dtype=str)
         classes, paths = rows.classes, rows.paths

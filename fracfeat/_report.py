@@ -586,10 +586,14 @@ def describe_model(pipeline) -> dict:
     deep, head = _split_feature_step(pipeline)
     out = {}
     if deep is not None:
-        cfg = deep.config_
-        out["backbone"] = f"{cfg.backbone}, {cfg.image_size} px, {cfg.pooling} pooling ({cfg.precision}, {cfg.runtime})"
-        kind, _, digest = cfg.weights.partition(":")
-        out["weights"] = f"{kind} {digest[:19]}…" if len(digest) > 20 else cfg.weights
+        from ._transformer import feature_parts
+
+        cfgs = [part.config_ for part in feature_parts(deep)]
+        out["backbone"] = " + ".join(f"{c.backbone}, {c.image_size} px, {c.pooling} pooling ({c.precision}, "
+                                     f"{c.runtime})" for c in cfgs)
+        identities = dict.fromkeys(c.weights for c in cfgs)
+        out["weights"] = ", ".join(f"{kind} {digest[:19]}…" if len(digest) > 20 else w
+                                   for w in identities for kind, _, digest in [w.partition(":")])
         trained = getattr(deep, "trained_on_", None) or {}
         if trained.get("version") is not None:
             out["trained on store version"] = f"{trained.get('store')} v{trained['version']}"
@@ -685,7 +689,7 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
     shown = metrics[split]
     data = features_or_source
     if isinstance(data, FeatureSet):
-        data = f"rows of store {data.store} v{data.version}" if data.version is not None else "a feature set"
+        data = f"rows of store {data.store} v{data.version_label}" if data.version_label else "a feature set"
     elif not isinstance(data, (str, os.PathLike)):
         data = f"{len(data)} images"
     evaluated = (f"{data}: {'every image' if split == 'all' else f'split {split!r}'}, {shown['n']} images "

@@ -129,7 +129,7 @@ def run(
         Progress bars for extraction and tuning.
     **extract_options
         Extraction settings, as :func:`fracfeat.extract` takes them: ``backbone``, ``weights``,
-        ``image_size``, ``pooling``, ``tiles``, ``scales``, ``layers``, ``batch_size``, ``precision``,
+        ``image_size``, ``pooling``, ``tiles``, ``scales``, ``layers``, ``join``, ``batch_size``, ``precision``,
         ``runtime``, ``class_map``...
 
     Returns
@@ -181,11 +181,12 @@ def run(
     tmp = out / ".model.joblib.tmp"
     joblib.dump(result.pipeline, tmp)
     tmp.replace(model_path)
+    parts = fs.provenance.get("parts") or []
     summary = {
         "data": f"{fs.provenance.get('source', source)}: {len(fs)} images ({int((fs.y == 1).sum())} "
                 f"{fs.classes[1]}), {len(fs.failures)} unreadable",
         "hold-out": how,
-        "store version": f"{fs.store} v{fs.version}",
+        "store version": f"{fs.store} v{fs.version_label}{' (joined)' if parts else ''}",
         "model file": str(model_path),
     }
     if views:
@@ -195,7 +196,8 @@ def run(
         summary["preset"] = _preset_line(preset, {**extract_options, "classifier": classifier, "n_trials": n_trials,
                                                   "cv": cv, "scoring": scoring, "threshold": threshold})
     page, metrics = report(result, held, out / "report", summary=summary, notes=notes,
-                           title=f"fracfeat: {fs.provenance.get('backbone')} features, "
+                           title=f"fracfeat: {'+'.join(dict.fromkeys(p.get('backbone') for p in parts or [fs.provenance]))} "
+                                 f"features{' (joined)' if parts else ''}, "
                                  f"{result.classifier} classifier")
     log.info("model: %s; report: %s", model_path, page)
     return RunResult(model_path=model_path, report_path=page, metrics=metrics, holdout=how, fit=result, features=fs)

@@ -438,8 +438,13 @@ class FeatureStore:
         """Load a version as a :class:`FeatureSet`.
 
         With ``lazy=True`` the feature matrix stays on disk until ``.X`` is first read; the per-row
-        metadata is loaded either way.
+        metadata is loaded either way. ``version="2+3"`` joins versions 2 and 3 side by side
+        (:func:`fracfeat.join_features`; not lazy).
         """
+        if isinstance(version, str) and "+" in version:
+            from ._featureset import join_features
+
+            return join_features(*(self.open(v.strip().lstrip("vV")) for v in version.split("+")))
         n = self.resolve(version)
         with self._open_h5(n) as f, self._damage_reported(self._version_path(n)):
             labels = f["labels"][:].astype(np.int64)

@@ -1,4 +1,5 @@
-"""DeepFeatures: the scikit-learn transformer that turns image paths (or arrays) into store features.
+"""DeepFeatures: the scikit-learn transformer that turns image paths (or arrays) into store features;
+JoinedFeatures: several of them side by side.
 
 It runs the very code ``extract`` runs (:class:`fracfeat._engine.FeatureEngine`), so a classifier
 trained on store rows sees identical features at prediction time. The backbone is built lazily on
@@ -12,6 +13,7 @@ import os
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.pipeline import FeatureUnion
 from sklearn.utils.validation import check_is_fitted
 
 from ._config import ExtractorConfig
@@ -276,3 +278,57 @@ def _as_images(X):
     if all(isinstance(a, np.ndarray) and a.dtype == np.uint8 for a in items):
         return "arrays", items
     raise ValueError("DeepFeatures expects a list of image paths (str or pathlib.Path) or of uint8 image arrays")
+
+
+class JoinedFeatures(FeatureUnion):
+    """Several :class:`DeepFeatures` side by side: a FeatureUnion that reads images.
+
+    :func:`fracfeat.fit` puts one first in the Pipeline when it tunes on joined features
+    (:func:`fracfeat.join_features`, ``extract(..., join=...)``): each part makes its own store
+    version's features and the rows are concatenated in the parts' order, so the Pipeline sees at
+    prediction time exactly what it was trained on. It is a plain ``sklearn.pipeline.FeatureUnion``
+    (same parameters, same ``transform``) with what fracfeat reads off a feature step.
+
+    Attributes
+    ----------
+    fingerprint_ : str
+        The parts' fingerprints joined by ``+``: equal to the joined feature set's.
+    trained_on_ : dict
+        Set by :func:`fracfeat.fit`: the training features' store, versions and fingerprint.
+    """
+
+    @property
+    def parts(self) -> list:
+        """The DeepFeatures, in order."""
+        return [t for _, t in self.transformer_list]
+
+    @property
+    def fingerprint_(self) -> str:
+        return "+".join(t.fingerprint_ for t in self.parts)
+
+    def features_of_paths(self, paths, strict=False):
+        """As :meth:`DeepFeatures.features_of_paths`: rows of the files every part could read."""
+        paths = [os.fspath(p) for p in paths]
+        results = [t.features_of_paths(paths, strict=strict) for t in self.parts]
+        readable = results[0][1]
+        for _, idx, _ in results[1:]:
+            readable = np.intersect1d(readable, idx)
+        blocks = []
+        for X, idx, _ in results:
+            where = {int(i): row for row, i in enumerate(idx)}
+            blocks.append(X[[where[int(i)] for i in readable]] if len(readable) else np.empty((0, X.shape[1] if X.ndim == 2 else 0), np.float32))
+        failures = {}
+        for _, _, part_failures in results:
+            for position, reason in part_failures:
+                failures.setdefault(position, reason)
+        return np.hstack(blocks).astype(np.float32, copy=False), np.asarray(readable, np.int64), sorted(failures.items())
+
+
+def feature_parts(step) -> list:
+    """The DeepFeatures of a feature step (one, or a JoinedFeatures' parts)."""
+    return step.parts if isinstance(step, JoinedFeatures) else [step]
+
+
+def describe_extractor(step) -> str:
+    """``vgg16 224px avg`` (``+`` between the parts of joined features)."""
+    return " + ".join(f"{d.config_.backbone} {d.config_.image_size}px {d.config_.pooling}" for d in feature_parts(step))

@@ -28,13 +28,14 @@ _VERSION_WORDS = ("latest",)
 # -- shared helpers --------------------------------------------------------------------------------
 
 def split_store_ref(text: str) -> tuple[str, str]:
-    """``"DIR@3"`` -> ``("DIR", "3")``; ``"DIR"`` -> ``("DIR", "latest")``.
+    """``"DIR@3"`` -> ``("DIR", "3")``; ``"DIR@2+3"`` -> ``("DIR", "2+3")`` (joined); ``"DIR"`` -> ``("DIR", "latest")``.
 
-    Only a suffix that reads as a version (``3``, ``v3``, ``latest``) is split off, so paths that
-    contain ``@`` elsewhere keep working.
+    Only a suffix that reads as a version (``3``, ``v3``, ``2+3``, ``latest``) is split off, so paths
+    that contain ``@`` elsewhere keep working.
     """
     head, sep, tail = str(text).rpartition("@")
-    if sep and head and (tail.lower() in _VERSION_WORDS or tail.lstrip("vV").isdigit()):
+    if sep and head and (tail.lower() in _VERSION_WORDS
+                         or all(v.strip().lstrip("vV").isdigit() for v in tail.split("+"))):
         return head, tail
     return str(text), "latest"
 
@@ -109,12 +110,16 @@ def _extract_kwargs(args) -> dict:
 
 def cmd_extract(args) -> int:
     fs, new = _extract(args.source, args.store, args, description=args.description, **_given(view=args.view))
-    prov = fs.provenance
-    how = (f"{prov.get('n_computed', 0)} computed, {prov.get('n_reused', 0)} from cache" if new
-           else "unchanged: every image was in the cache")
-    view = f"  view {prov['view']}" if prov.get("view") else ""
-    print(f"{args.store}: v{fs.version}{view}  {len(fs)} images x {fs.n_features} features  ({how}, "
-          f"{len(fs.failures)} failed)")
+    parts = fs.provenance.get("parts") or [{**fs.provenance, "version": fs.version}]
+    for prov in parts:
+        how = (f"{prov.get('n_computed', 0)} computed, {prov.get('n_reused', 0)} from cache" if prov["version"] in new
+               else "unchanged: every image was in the cache")
+        view = f"  view {prov['view']}" if prov.get("view") else ""
+        width = f"x {prov['n_features']} features" if len(parts) > 1 else f"x {fs.n_features} features"
+        print(f"{args.store}: v{prov['version']}{view}  {len(fs)} images {width}  ({how}, {len(fs.failures)} failed)")
+    if len(parts) > 1:
+        print(f"{args.store}: joined v{fs.version_label}  {len(fs)} images x {fs.n_features} features (fit it as "
+              f"{args.store}@{fs.version_label})")
     if fs.failures:
         print("failed: " + ", ".join(f"{n} {kind}" for kind, n in fs.failure_summary().items()))
         for f in fs.failures[:5]:
@@ -125,12 +130,12 @@ def cmd_extract(args) -> int:
 
 
 def _extract(source, store, args, **kwargs):
-    """extract() with the CLI's options; also says whether it wrote a new version."""
+    """extract() with the CLI's options; also the new versions it wrote (none when all were there)."""
     from . import FeatureStore, extract
 
     before = {v.version for v in FeatureStore(store).versions()}
     fs = extract(source, store=store, **_extract_kwargs(args), **kwargs)
-    return fs, fs.version not in before
+    return fs, {v.version for v in FeatureStore(store).versions()} - before
 
 
 # -- store ---------------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ def test_help_in_a_subprocess(python, subprocess_env):
 
 @pytest.mark.parametrize("text, expected", [
     ("store", ("store", "latest")), ("store@3", ("store", "3")), ("store@v12", ("store", "v12")),
-    ("a@b/store", ("a@b/store", "latest")), ("dir@latest", ("dir", "latest")),
+    ("a@b/store", ("a@b/store", "latest")), ("dir@latest", ("dir", "latest")), ("store@1+2", ("store", "1+2")),
+    ("store@v1+v3", ("store", "v1+v3")), ("a@1+b", ("a@1+b", "latest")),
 ])
 def test_store_reference(text, expected):
     assert split_store_ref(text) == expected

@@ -12,6 +12,7 @@ import pytest
 import fracfeat
 from fracfeat import ConfigError, Preset, extract, fit, run
 from fracfeat._engine import resolve_extractor
+from fracfeat._extract import join_parts
 from fracfeat._fit import check_tuning
 from fracfeat._presets import PRESETS
 
@@ -32,8 +33,11 @@ def test_every_preset_in_the_table_is_valid(preset):
     assert preset.description and preset.measured
     assert set(preset.extract) <= _parameters(extract) - {"weights", "store"}
     assert set(preset.fit) <= _parameters(fit) & _parameters(run)
-    config, _ = resolve_extractor(**{**preset.extract, "weights": None})
-    assert config.backbone == preset.extract["backbone"]
+    common = {k: v for k, v in preset.extract.items() if k != "join"}
+    parts = join_parts(preset.extract["join"]) if "join" in preset.extract else [{}]  # joined extractors, checked
+    for part in parts:
+        config, _ = resolve_extractor(**{**common, **part, "weights": None})
+        assert config.backbone == preset.extract["backbone"]
     defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()}
     tuning = {k: preset.fit.get(k, defaults[k]) for k in ("classifier", "n_trials", "cv", "scoring", "threshold")}
     check_tuning(**tuning)
