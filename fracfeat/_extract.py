@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import platform
@@ -207,7 +208,12 @@ def extract(
     """
     if join is not None:
         call = {k: v for k, v in locals().items() if k not in ("source", "preset", "join")}
-        return join_features(*(extract(source, **{**call, **part}) for part in join_parts(join)))
+        parts = join_parts(join)
+        given = sorted({k for part in parts for k in part if call[k] != _DEFAULTS[k]})
+        if given:
+            raise ConfigError(f"{', '.join(f'{k}={call[k]!r}' for k in given)} is given beside join parts that set "
+                              f"{', '.join(given)}; set it in each part instead")
+        return join_features(*(extract(source, **{**call, **part}) for part in parts))
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ConfigError(f"batch_size={batch_size!r}: give a positive integer")
     if not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
@@ -317,6 +323,10 @@ def extract(
     log.info("store %s: wrote v%d (%d images x %d features) in %.1fs", feature_store.root, n, len(fs),
              fs.n_features, time.perf_counter() - t_start)
     return fs
+
+
+# extract's own defaults: a setting that differs from them was given (by the caller or a preset).
+_DEFAULTS = {name: p.default for name, p in inspect.signature(extract).parameters.items()}
 
 
 def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_content,

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ._errors import ConfigError
 from ._sources import UNLABELED
 
 DEFAULT_CLASSES = ("not_fractured", "fractured")
@@ -191,8 +192,6 @@ def join_features(*sets: FeatureSet) -> FeatureSet:
     >>> store = FeatureStore("fracfeat-store")                               # doctest: +SKIP
     >>> both = join_features(store.open(2), store.open(3))                   # doctest: +SKIP
     """
-    from ._errors import ConfigError
-
     if len(sets) < 2 or not all(isinstance(s, FeatureSet) for s in sets):
         raise ConfigError(f"join_features takes two or more FeatureSets, got "
                           f"{', '.join(type(s).__name__ for s in sets) or 'none'}")

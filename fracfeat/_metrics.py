@@ -61,8 +61,13 @@ def _pipeline_of(model):
     return getattr(model, "pipeline", model)  # a FitResult or the Pipeline itself
 
 
+def _short(fingerprint: str) -> str:
+    """A fingerprint's first 12 characters (of each part's, for joined features)."""
+    return "+".join(f[:12] for f in fingerprint.split("+"))
+
+
 def _split_feature_step(model):
-    """(DeepFeatures or None, the part that takes feature arrays)."""
+    """(the image-reading step, DeepFeatures or JoinedFeatures, or None; the part that takes feature arrays)."""
     from ._transformer import DeepFeatures, JoinedFeatures
 
     steps = getattr(model, "steps", None)
@@ -151,14 +156,11 @@ def predict_rows(model, features_or_source, *, version="latest") -> Predictions:
             from ._transformer import describe_extractor
 
             made = " + ".join(f"{p.get('backbone')} {p.get('image_size')}px {p.get('pooling')}"
-                              for p in rows.provenance.get("parts", [rows.provenance]))
-            def short(fingerprint):
-                return "+".join(f[:12] for f in fingerprint.split("+"))
-
+                              for p in rows.provenance.get("parts") or [rows.provenance])
             raise ConfigError(
-                f"the feature set was made by another extractor (fingerprint {short(rows.fingerprint)}, {made}) than "
-                f"the model's ({short(deep.fingerprint_)}, {describe_extractor(deep)}): evaluate on the images (a "
-                f"folder or CSV) instead, or on store features made with the model's settings")
+                f"the feature set was made by another extractor (fingerprint {_short(rows.fingerprint)}, {made}) "
+                f"than the model's ({_short(deep.fingerprint_)}, {describe_extractor(deep)}): evaluate on the images "
+                f"(a folder or CSV) instead, or on store features made with the model's settings")
         pred, score = _scores(head, rows.X)
         y, splits, failed_splits = rows.y, rows.splits, np.array([], dtype=str)
         classes, paths = rows.classes, rows.paths

@@ -12,6 +12,7 @@ from fracfeat._presets import check_features
 from fracfeat._transformer import JoinedFeatures
 
 from conftest import TINY
+from test_cli import assert_user_error
 from test_cli import fracfeat as fracfeat_cli
 
 # Mirrors the shape of the best preset (intermediate layers at one size, the final layer at a larger one),
@@ -81,6 +82,13 @@ def test_join_features_refuses_what_it_cannot_join(joined):
 def test_extract_refuses_bad_join_before_reading_images(tmp_path, join, words):
     with pytest.raises(ConfigError, match=words):
         extract(tmp_path / "no-such-folder", store=tmp_path / "store", join=join, **SETTINGS)
+
+
+def test_extract_refuses_a_setting_given_beside_parts_that_set_it(tmp_path, real_images):
+    # The parts' image_size would silently win over the one asked for.
+    with pytest.raises(ConfigError, match=r"image_size=64 is given beside join parts that set image_size"):
+        extract(real_images["fractured"][:1], store=tmp_path / "store", join=PARTS, **{**TINY, "image_size": 64})
+    assert not (tmp_path / "store").exists()
 
 
 def test_fit_on_joined_features_gives_a_pipeline_that_reads_images(joined, class_folder, tmp_path):
@@ -164,3 +172,27 @@ def test_cli_fits_joined_store_versions(python, subprocess_env, joined, class_fo
     r = fracfeat_cli(python, subprocess_env, "evaluate", model, class_folder, "-q")
     assert r.returncode == 0, r.stderr
     assert "roc_auc" in r.stdout
+
+
+@pytest.mark.slow
+def test_cli_extracts_fits_and_predicts_with_the_joined_preset(python, subprocess_env, class_folder, tmp_path):
+    """The best preset by name, end to end at its real sizes (random weights keep it cheap)."""
+    store, model = tmp_path / "store", tmp_path / "model.joblib"
+    name = "fracatlas-vgg16-ml34-448-svm"
+    r = fracfeat_cli(python, subprocess_env, "extract", class_folder, "--store", store, "--weights", "none",
+                     "--preset", name, "-q")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "v1  12 images x 1280 features  (12 computed, 0 from cache" in lines[0]
+    assert "v2  12 images x 512 features  (12 computed, 0 from cache" in lines[1]
+    assert f"joined v1+2  12 images x 1792 features (fit it as {store}@1+2)" in lines[2]
+    r = fracfeat_cli(python, subprocess_env, "fit", f"{store}@1+2", "--preset", name, "--trials", "2", "--cv", "2",
+                     "--out", model, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "svm: CV roc_auc" in r.stdout and "v1+2, 12 images" in r.stdout
+    r = fracfeat_cli(python, subprocess_env, "fit", f"{store}@2", "--preset", name, "--out", model, "-q")
+    assert_user_error(r, "joins the features of 2 extractor(s); these features come from 1")
+    image = next((class_folder / "fractured").iterdir())
+    r = fracfeat_cli(python, subprocess_env, "predict", model, image, "-q")
+    assert r.returncode == 0, r.stderr
+    assert image.name in r.stdout
