@@ -589,8 +589,9 @@ def describe_model(pipeline) -> dict:
         from ._transformer import feature_parts
 
         cfgs = [part.config_ for part in feature_parts(deep)]
-        out["backbone"] = " + ".join(f"{c.backbone}, {c.image_size} px, {c.pooling} pooling ({c.precision}, "
-                                     f"{c.runtime})" for c in cfgs)
+        out["backbone"] = " + ".join(f"{c.backbone}, {c.image_size} px, {c.pooling} pooling"
+                                     f"{', layers ' + ' '.join(c.layers) + ' final' if c.layers else ''} "
+                                     f"({c.precision}, {c.runtime})" for c in cfgs)
         identities = dict.fromkeys(c.weights for c in cfgs)
         out["weights"] = ", ".join(f"{kind} {digest[:19]}…" if len(digest) > 20 else w
                                    for w in identities for kind, _, digest in [w.partition(":")])
