@@ -53,6 +53,7 @@ EXTRACTORS = {
     "max": dict(pooling="max"),
     "flat": dict(pooling="none"),
     "avg448": dict(pooling="avg", image_size=448),
+    "tiles2": dict(pooling="avg", tiles=2),
     "tiles3": dict(pooling="avg", tiles=3),
     "ms224+448": dict(pooling="avg", scales=(224, 448)),
     "ml4": dict(pooling="avg", layers=("block4_pool",)),
@@ -61,7 +62,7 @@ EXTRACTORS = {
 # Store entries joined side by side (fracfeat.join_features: rows matched by image id), as extract(join=) makes them.
 JOINED = {"cat224+448": ("avg", "avg448"), "cat-ml34+448": ("ml34", "avg448")}
 METHODS = {"baseline": ("flat", "seed-lr")}
-for _ex in ("avg", "max", "avg448", "tiles3", "ms224+448", "ml4", "ml34", *JOINED):
+for _ex in ("avg", "max", "avg448", "tiles2", "tiles3", "ms224+448", "ml4", "ml34", *JOINED):
     for _clf in ("logreg", "svm", "xgboost", "auto"):
         METHODS[f"{_clf}-{_ex}"] = (_ex, _clf)
         METHODS[f"{_clf}-{_ex}+aug"] = (_ex, _clf)
