@@ -64,7 +64,8 @@ class FeatureSet:
         lab = f", {n_pos} fractured" if n_pos is not None else ", unlabeled"
         made = (f"backbone={self.provenance.get('backbone')!r}, version={self.version}"
                 if not self.provenance.get("parts") else f"joined versions {self.version_label}")
-        return f"FeatureSet({len(self)} images x {self.n_features} features{lab}, {made}, failures={len(self.failures)})"
+        return (f"FeatureSet({len(self)} images x {self.n_features} features{lab}, {made}, "
+                f"failures={len(self.failures)})")
 
     @property
     def n_features(self) -> int:

@@ -195,9 +195,9 @@ def run(
     if preset is not None:
         summary["preset"] = _preset_line(preset, {**extract_options, "classifier": classifier, "n_trials": n_trials,
                                                   "cv": cv, "scoring": scoring, "threshold": threshold})
+    backbones = "+".join(dict.fromkeys(p.get("backbone") for p in parts or [fs.provenance]))
     page, metrics = report(result, held, out / "report", summary=summary, notes=notes,
-                           title=f"fracfeat: {'+'.join(dict.fromkeys(p.get('backbone') for p in parts or [fs.provenance]))} "
-                                 f"features{' (joined)' if parts else ''}, "
+                           title=f"fracfeat: {backbones} features{' (joined)' if parts else ''}, "
                                  f"{result.classifier} classifier")
     log.info("model: %s; report: %s", model_path, page)
     return RunResult(model_path=model_path, report_path=page, metrics=metrics, holdout=how, fit=result, features=fs)

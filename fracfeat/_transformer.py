@@ -316,12 +316,14 @@ class JoinedFeatures(FeatureUnion):
         blocks = []
         for X, idx, _ in results:
             where = {int(i): row for row, i in enumerate(idx)}
-            blocks.append(X[[where[int(i)] for i in readable]] if len(readable) else np.empty((0, X.shape[1] if X.ndim == 2 else 0), np.float32))
+            rows = np.array([where[int(i)] for i in readable], dtype=np.int64)
+            blocks.append(X[rows] if len(rows) else np.empty((0, 0), np.float32))
         failures = {}
         for _, _, part_failures in results:
             for position, reason in part_failures:
                 failures.setdefault(position, reason)
-        return np.hstack(blocks).astype(np.float32, copy=False), np.asarray(readable, np.int64), sorted(failures.items())
+        X = np.hstack(blocks).astype(np.float32, copy=False)
+        return X, np.asarray(readable, np.int64), sorted(failures.items())
 
 
 def feature_parts(step) -> list:
@@ -331,4 +333,5 @@ def feature_parts(step) -> list:
 
 def describe_extractor(step) -> str:
     """``vgg16 224px avg`` (``+`` between the parts of joined features)."""
-    return " + ".join(f"{d.config_.backbone} {d.config_.image_size}px {d.config_.pooling}" for d in feature_parts(step))
+    return " + ".join(f"{d.config_.backbone} {d.config_.image_size}px {d.config_.pooling}"
+                      for d in feature_parts(step))
