@@ -110,13 +110,13 @@ def _extract_kwargs(args) -> dict:
 
 def cmd_extract(args) -> int:
     fs, new = _extract(args.source, args.store, args, description=args.description, **_given(view=args.view))
-    parts = fs.provenance.get("parts") or [{**fs.provenance, "version": fs.version}]
+    parts = fs.provenance.get("parts") or [{**fs.provenance, "version": fs.version, "n_features": fs.n_features}]
     for prov in parts:
         how = (f"{prov.get('n_computed', 0)} computed, {prov.get('n_reused', 0)} from cache" if prov["version"] in new
                else "unchanged: every image was in the cache")
         view = f"  view {prov['view']}" if prov.get("view") else ""
-        width = f"x {prov['n_features']} features" if len(parts) > 1 else f"x {fs.n_features} features"
-        print(f"{args.store}: v{prov['version']}{view}  {len(fs)} images {width}  ({how}, {len(fs.failures)} failed)")
+        print(f"{args.store}: v{prov['version']}{view}  {len(fs)} images x {prov['n_features']} features  ({how}, "
+              f"{len(fs.failures)} failed)")
     if len(parts) > 1:
         print(f"{args.store}: joined v{fs.version_label}  {len(fs)} images x {fs.n_features} features (fit it as "
               f"{args.store}@{fs.version_label})")
