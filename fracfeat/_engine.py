@@ -101,8 +101,26 @@ _CPU_FLOAT32_RUNTIME = {"vgg16": "openvino", "resnet50": "openvino", "efficientn
 _CPU_BF16_RUNTIME = {"vgg16": "keras", "resnet50": "openvino", "efficientnetb2": "openvino"}
 
 
-def choose_precision_and_runtime(spec: BackboneSpec, precision: str, runtime: str) -> tuple[str, str]:
-    """Resolve "auto" to the fastest correct path for this backbone on this hardware.
+@dataclass(frozen=True)
+class Hardware:
+    """What the "auto" choices depend on. :meth:`detect` reads this machine; tests build one of each kind,
+    so every branch of every hardware-dependent choice runs on every machine."""
+
+    gpu: bool = False
+    gpu_bfloat16: bool = False  # tensor cores with bfloat16 (NVIDIA compute capability >= 8.0)
+    cpu_bfloat16: bool = False  # AMX or AVX512-BF16
+    openvino: bool = False
+
+    @classmethod
+    def detect(cls) -> "Hardware":
+        gpu = has_gpu()
+        return cls(gpu=gpu, gpu_bfloat16=gpu and gpu_supports_bfloat16(), cpu_bfloat16=cpu_has_bf16(),
+                   openvino=openvino_available())
+
+
+def choose_precision_and_runtime(spec: BackboneSpec, precision: str, runtime: str,
+                                 hardware: Hardware | None = None) -> tuple[str, str]:
+    """Resolve "auto" to the fastest correct path for this backbone on ``hardware`` (default: this machine).
 
     - GPU visible: Keras with mixed precision on the tensor cores (OpenVINO targets Intel devices):
       bfloat16 where the GPU has it (float32's range: float16 overflowed to NaN in deep ResNet50 and
@@ -113,31 +131,35 @@ def choose_precision_and_runtime(spec: BackboneSpec, precision: str, runtime: st
     A forced ``runtime``/``precision`` is kept as given; "auto" on the other one is resolved around
     it. Every path agrees with float32 Keras to cosine similarity >= 0.999 per image (tested).
     """
-    if runtime == "auto" or precision == "auto":
-        gpu = has_gpu()
-        bf16 = cpu_has_bf16()
-        if runtime == "auto":
-            if gpu:
+    if runtime != "auto" and precision != "auto":
+        return precision, runtime
+    hw = Hardware.detect() if hardware is None else hardware
+    if runtime == "auto":
+        if hw.gpu:
+            runtime = "keras"
+        else:
+            bf16 = hw.cpu_bfloat16 and precision in ("auto", "bfloat16")
+            runtime = (_CPU_BF16_RUNTIME if bf16 else _CPU_FLOAT32_RUNTIME)[spec.name]
+            if runtime == "openvino" and not hw.openvino:
+                log.info("OpenVINO is not installed: extracting with Keras/TensorFlow instead "
+                         "(pip install 'fracfeat[openvino]' for faster CPU extraction)")
                 runtime = "keras"
-            else:
-                runtime = (_CPU_BF16_RUNTIME if bf16 and precision in ("auto", "bfloat16") else _CPU_FLOAT32_RUNTIME)[spec.name]
-                if runtime == "openvino" and not openvino_available():
-                    log.info("OpenVINO is not installed: extracting with Keras/TensorFlow instead "
-                             "(pip install 'fracfeat[openvino]' for faster CPU extraction)")
-                    runtime = "keras"
-        if precision == "auto":
-            if gpu and runtime == "keras":
-                precision = "bfloat16" if gpu_supports_bfloat16() else "float16"
-            elif bf16 and not gpu:
-                precision = "bfloat16"
-            else:
-                precision = "float32"
+    if precision == "auto":
+        if hw.gpu and runtime == "keras":
+            precision = "bfloat16" if hw.gpu_bfloat16 else "float16"
+        elif hw.cpu_bfloat16 and not hw.gpu:
+            precision = "bfloat16"
+        else:
+            precision = "float32"
     return precision, runtime
 
 
-def preferred_batch_size(config: ExtractorConfig) -> int:
+def preferred_batch_size(config: ExtractorConfig, hardware: Hardware | None = None) -> int:
     """Images per forward pass when the user gives none: large on a GPU, moderate on CPUs."""
-    return 256 if config.runtime == "keras" and has_gpu() else 32
+    if config.runtime != "keras":
+        return 32
+    hw = Hardware.detect() if hardware is None else hardware
+    return 256 if hw.gpu else 32
 
 
 def resolve_extractor(

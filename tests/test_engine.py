@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from fracfeat._backbones import backbone_spec
-from fracfeat._engine import FeatureEngine, choose_precision_and_runtime, resolve_extractor
+from fracfeat._engine import (
+    FeatureEngine,
+    Hardware,
+    choose_precision_and_runtime,
+    preferred_batch_size,
+    resolve_extractor,
+)
 from fracfeat._errors import MissingDependencyError
 from fracfeat._images import load_image
 
@@ -88,6 +94,60 @@ def test_auto_resolves_to_a_concrete_path_for_every_backbone():
     for name in ("vgg16", "resnet50", "efficientnetb2"):
         precision, runtime = choose_precision_and_runtime(backbone_spec(name), "auto", "auto")
         assert precision in ("float32", "bfloat16", "float16") and runtime in ("keras", "openvino")
+
+
+# Every kind of machine "auto" knows, forced, so each branch runs on whatever machine runs the tests.
+CPU = Hardware(openvino=True)
+CPU_NO_OPENVINO = Hardware()
+CPU_BF16 = Hardware(cpu_bfloat16=True, openvino=True)
+CPU_BF16_NO_OPENVINO = Hardware(cpu_bfloat16=True)
+GPU_BF16 = Hardware(gpu=True, gpu_bfloat16=True, cpu_bfloat16=True, openvino=True)
+GPU_OLD = Hardware(gpu=True, openvino=True)
+# (hardware, backbone) -> (precision, runtime) that "auto" must choose.
+AUTO_CHOICES = {
+    (CPU, "vgg16"): ("float32", "openvino"),
+    (CPU, "resnet50"): ("float32", "openvino"),
+    (CPU, "efficientnetb2"): ("float32", "keras"),
+    (CPU_NO_OPENVINO, "vgg16"): ("float32", "keras"),
+    (CPU_NO_OPENVINO, "resnet50"): ("float32", "keras"),
+    (CPU_BF16, "vgg16"): ("bfloat16", "keras"),
+    (CPU_BF16, "resnet50"): ("bfloat16", "openvino"),
+    (CPU_BF16, "efficientnetb2"): ("bfloat16", "openvino"),
+    (CPU_BF16_NO_OPENVINO, "resnet50"): ("bfloat16", "keras"),
+    (GPU_BF16, "resnet50"): ("bfloat16", "keras"),
+    (GPU_OLD, "efficientnetb2"): ("float16", "keras"),
+}
+
+
+@pytest.mark.parametrize("hardware, backbone", list(AUTO_CHOICES), ids=lambda v: getattr(v, "name", None) or str(v))
+def test_auto_chooses_the_measured_path_for_each_kind_of_machine(hardware, backbone):
+    assert choose_precision_and_runtime(backbone_spec(backbone), "auto", "auto", hardware) == \
+        AUTO_CHOICES[hardware, backbone]
+
+
+@pytest.mark.parametrize("hardware", [CPU, CPU_BF16, GPU_BF16])
+def test_a_forced_setting_is_kept_on_every_kind_of_machine(hardware):
+    spec = backbone_spec("resnet50")
+    assert choose_precision_and_runtime(spec, "float32", "auto", hardware)[0] == "float32"
+    assert choose_precision_and_runtime(spec, "auto", "openvino", hardware)[1] == "openvino"
+    assert choose_precision_and_runtime(spec, "float16", "keras", hardware) == ("float16", "keras")
+    # float32 forced on a bfloat16 CPU takes the float32 runtime table, not the bfloat16 one.
+    assert choose_precision_and_runtime(backbone_spec("vgg16"), "float32", "auto", hardware)[1] == \
+        ("keras" if hardware.gpu else "openvino")
+
+
+def test_batch_size_is_large_on_a_gpu_only():
+    config, _ = resolve_extractor("vgg16", None, 32, precision="float32", runtime="keras")
+    assert preferred_batch_size(config, GPU_BF16) == 256
+    assert preferred_batch_size(config, CPU_BF16) == preferred_batch_size(config, CPU) == 32
+    ov, _ = resolve_extractor("vgg16", None, 32, precision="float32", runtime="openvino")
+    assert preferred_batch_size(ov, GPU_BF16) == 32
+
+
+def test_detected_hardware_matches_the_cpu_flags():
+    # Read the hardware, never assume it: the answer must follow /proc/cpuinfo on this machine.
+    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
+    assert Hardware.detect().cpu_bfloat16 == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_forcing_precision_or_runtime_changes_the_fingerprint():
