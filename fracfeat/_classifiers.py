@@ -29,7 +29,7 @@ class SearchContext:
     n_positive: int = 1
     n_negative: int = 1
     n_threads: int | None = None
-    final: bool = False  # building the model to keep (SVC then computes probabilities)
+    final: bool = False  # building the model to keep (the SVM then gets calibrated probabilities)
 
     @property
     def negative_to_positive(self) -> float:
@@ -70,18 +70,23 @@ def svm_steps(trial, ctx: SearchContext) -> list:
     No linear kernel: libsvm's linear solver ran past 200,000 iterations on one fold of 2,600 FracAtlas
     VGG16 rows (RBF: 2,142 iterations, 2 s), stalling a whole study; linear boundaries are what the
     logreg family searches.
+
+    Tuning scores the decision function. The kept model's probabilities come from
+    :class:`SigmoidCalibrated` (an increasing sigmoid of the decision function fitted out of fold),
+    never from libsvm's internal Platt scaling, whose sign can come out inverted on small sets.
     """
     from sklearn.svm import SVC
+
+    from ._calibration import SigmoidCalibrated
 
     steps = _scaled_and_reduced(trial, "svm", ctx)
     C = trial.suggest_float("svm_C", 1e-2, 1e2, log=True)
     # On standardized inputs "scale" is 1/n_features (about 2e-3 for 512 VGG16 features): search around it.
     gamma = trial.suggest_float("svm_gamma", 1e-5, 1e-1, log=True)
-    clf = SVC(
-        kernel="rbf", C=C, gamma=gamma, class_weight=_class_weight(trial, "svm"),
-        # Tuning scores with decision_function; Platt scaling (5 internal fits) only for the kept model.
-        probability=ctx.final, cache_size=500, random_state=ctx.seed,
-    )
+    clf = SVC(kernel="rbf", C=C, gamma=gamma, class_weight=_class_weight(trial, "svm"), cache_size=500,
+              random_state=ctx.seed)
+    if ctx.final:
+        clf = SigmoidCalibrated(clf, cv=5, random_state=ctx.seed)
     return steps + [("classifier", clf)]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from ._classifiers import SearchContext, check_classifier, suggest_steps
 from ._errors import ConfigError
 from ._featureset import FeatureSet
+from ._metrics import ranking_alarm
 from ._presets import check_features, preset_defaults
 
 log = logging.getLogger("fracfeat")
@@ -58,6 +59,9 @@ class FitResult:
         Wall time of this call.
     fold_scores : list of float
         The best trial's score on each fold.
+    alarms : list of str
+        Warnings in plain words, also logged: a CV or held-out ROC AUC far below 0.5 (the model ranks
+        inversely: something is wrong with the data or the model).
     augment : tuple of str
         Augmented views added to the training rows (``augment=``), e.g. ``("hflip",)``.
     """
@@ -80,6 +84,7 @@ class FitResult:
     seconds: float = 0.0
     fold_scores: list = field(default_factory=list)
     augment: tuple = ()
+    alarms: list = field(default_factory=list)
 
     def __repr__(self) -> str:
         held = ", ".join(f"{k}={v:.4f}" for k, v in self.scores.items() if k != "cv" and v is not None)
@@ -191,6 +196,16 @@ def parse_threshold(goal) -> tuple[str, float | None]:
             return "sensitivity", target
     raise ConfigError(f"threshold={goal!r}: give None, 'balanced_accuracy', or a target sensitivity such as "
                       f"'sensitivity:0.9' or {{'sensitivity': 0.9}}")
+
+
+@contextlib.contextmanager
+def _quiet_convergence():
+    """Silence the solvers' convergence warnings only: a deprecation raised by our calls must still surface."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
 
 
 @contextlib.contextmanager
@@ -371,8 +386,7 @@ def fit(
         model = Pipeline(steps)
         scores = []
         for k, (tr, va) in enumerate(folds):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # convergence warnings of poor trials: the score says it
+            with _quiet_convergence():  # convergence warnings of poor trials: the score says it
                 fitted = clone(model).fit(*training(tr))
                 scores.append(float(scorer(fitted, X[va], y[va])))
             trial.report(float(np.mean(scores)), k)
@@ -409,14 +423,14 @@ def fit(
 
         name, clf = head.steps[-1]
         head.steps[-1] = (name, FixedThresholdClassifier(clf, threshold=chosen, response_method="predict_proba"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_convergence():
         head.fit(*training(np.arange(len(y))))
 
     scores = {"cv": float(best.value)}
     for split, hs in held_out.items():
         scores[split] = float(scorer(head, hs.X, hs.y)) if len(np.unique(hs.y)) == 2 else None
 
+    alarms = _ranking_alarms(scoring, scores, y, held_out)
     pipeline = _with_feature_step(head, fs, weights)
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)}
@@ -427,9 +441,26 @@ def fit(
         grouped=grouped, trials=counts, store=fs.store,
         version=fs.version if fs.version is not None else fs.version_label, fingerprint=fs.fingerprint,
         seconds=round(time.perf_counter() - t_start, 3), fold_scores=list(best.user_attrs.get("fold_scores", [])),
+        alarms=alarms,
     )
     log.info("%r", result)
     return result
+
+
+def _ranking_alarms(scoring, scores: dict, y: np.ndarray, held_out: dict) -> list[str]:
+    """Plain-words warnings (logged) for a CV or held-out ROC AUC far below chance."""
+    if scoring != "roc_auc":
+        return []
+    counts = {"cv": y, **{split: hs.y for split, hs in held_out.items()}}
+    alarms = []
+    for split, value in scores.items():
+        labels = counts[split]
+        where = "the cross-validation folds" if split == "cv" else f"the {split} split"
+        alarm = ranking_alarm(value, int((labels == 1).sum()), int((labels == 0).sum()), where)
+        if alarm:
+            log.warning("%s", alarm)
+            alarms.append(alarm)
+    return alarms
 
 
 def augmented_rows(data: FeatureSet, fs: FeatureSet, augment) -> list[tuple[str, np.ndarray]]:
@@ -504,8 +535,7 @@ def _threshold_from_folds(head, X, y, folds, goal, training) -> float:
 
     proba = np.empty(len(y), dtype=np.float64)
     for tr, va in folds:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_convergence():
             proba[va] = clone(head).fit(*training(tr)).predict_proba(X[va])[:, 1]
     return choose_threshold(y, proba, goal)
 

@@ -579,6 +579,17 @@ def _changed_params(estimator) -> dict:
             if k not in defaults or repr(defaults[k]) != repr(v)}
 
 
+# Wrappers fit() puts around a classifier: the decision threshold, the SVM's calibrated probabilities.
+_WRAPPERS = ("FixedThresholdClassifier", "SigmoidCalibrated")
+
+
+def _unwrapped(estimator):
+    """The classifier inside fit()'s wrappers (the estimator the tuned parameters belong to)."""
+    while type(estimator).__name__ in _WRAPPERS:
+        estimator = estimator.estimator
+    return estimator
+
+
 def describe_model(pipeline) -> dict:
     """Summary-table rows of a fitted Pipeline: extractor, training store version, steps, classifier."""
     from ._metrics import _split_feature_step
@@ -602,16 +613,12 @@ def describe_model(pipeline) -> dict:
     out["pipeline"] = " → ".join(
         f"{name}: {est if isinstance(est, str) or est is None else type(est).__name__}"
         for name, est in ([("features", deep)] if deep is not None else []) + list(steps))
-    clf = steps[-1][1]
-    if type(clf).__name__ == "FixedThresholdClassifier":
-        clf = clf.estimator
-    out["classifier"] = type(clf).__name__
+    out["classifier"] = type(_unwrapped(steps[-1][1])).__name__
     params = {}
     for name, est in steps:
         if est is None or isinstance(est, str):
             continue
-        inner = est.estimator if type(est).__name__ == "FixedThresholdClassifier" else est
-        for k, v in _changed_params(inner).items():
+        for k, v in _changed_params(_unwrapped(est)).items():
             params[k if est is steps[-1][1] else f"{name}__{k}"] = v
     out["parameters"] = params
     threshold = decision_threshold(pipeline)
@@ -674,14 +681,14 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
     >>> page, metrics = report("model.joblib", "data/test_folder", "report/")   # doctest: +SKIP
     """
     from ._errors import ConfigError
-    from ._metrics import _pipeline_of, metrics_by_split, predict_rows
+    from ._metrics import _pipeline_of, checked_metrics, predict_rows, ranking_alarms
 
     fit_result = model if hasattr(model, "pipeline") and hasattr(model, "study") else None
     pipeline = _pipeline_of(model)
     if study is None and fit_result is not None:
         study = fit_result.study
     rows = predict_rows(pipeline, features_or_source, version=version)
-    metrics = metrics_by_split(rows)
+    metrics = checked_metrics(rows)
     if split is None:
         split = next((s for s in ("test", "val", "held-out") if s in metrics), next(iter(metrics)))
     if split not in metrics:
@@ -703,7 +710,8 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
     page = write_report(
         out_dir, y_true=rows.y[mask], scores=rows.score[mask], y_pred=rows.pred[mask],
         threshold=decision_threshold(pipeline), paths=rows.paths[mask], study=study, classes=rows.classes,
-        summary=table, metrics=metrics, scoring=getattr(fit_result, "scoring", None), title=title, notes=notes,
+        summary=table, metrics=metrics, scoring=getattr(fit_result, "scoring", None), title=title,
+        notes=[*getattr(fit_result, "alarms", ()), *ranking_alarms(metrics), *notes],
         n_samples=n_samples,
     )
     return page, metrics

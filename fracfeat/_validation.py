@@ -8,7 +8,6 @@ model does happens inside its own training rows: the test fold is never looked a
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -96,16 +95,14 @@ def out_of_fold(fs: FeatureSet, fit_fold: Callable, folds, tta_views=()) -> OutO
         model, info = out if isinstance(out, tuple) else (out, None)
         seconds.append(time.perf_counter() - t)
         X = np.asarray(fs.X[te], dtype=np.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            score[te] = model.predict_proba(X)[:, 1]
-            pred[te] = model.predict(X)
-            if tta_views:
-                views = [model.predict_proba(np.asarray(v[te], dtype=np.float32))[:, 1] for v in tta_views]
-                score_tta[te] = np.mean([score[te], *views], axis=0)
-                # The fold model's own threshold; 0.5 (predict's rule for probabilities) when it keeps none.
-                kept = decision_threshold(model)
-                pred_tta[te] = score_tta[te] >= (0.5 if kept is None else kept)
+        score[te] = model.predict_proba(X)[:, 1]
+        pred[te] = model.predict(X)
+        if tta_views:
+            views = [model.predict_proba(np.asarray(v[te], dtype=np.float32))[:, 1] for v in tta_views]
+            score_tta[te] = np.mean([score[te], *views], axis=0)
+            # The fold model's own threshold; 0.5 (predict's rule for probabilities) when it keeps none.
+            kept = decision_threshold(model)
+            pred_tta[te] = score_tta[te] >= (0.5 if kept is None else kept)
         fold[te] = k
         details.append(info)
     return OutOfFold(y=np.asarray(fs.y), score=score, pred=pred, groups=np.asarray(fs.groups), fold=fold,

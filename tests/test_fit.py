@@ -197,3 +197,29 @@ def test_import_stays_cheap(python, subprocess_env):
             "assert not heavy, heavy\n")
     out = subprocess.run([python, "-c", code], env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+def test_svm_probabilities_follow_its_decision_function_on_a_first_small_local_set(tmp_path, fracatlas,
+                                                                                   vgg16_weights):
+    """A hospital's first small set, as a user ran it: the first 40 fractured and first 80 not fractured
+    FracAtlas radiographs by name, `fracfeat run ds --trials 6` with ImageNet VGG16. libsvm's internal Platt
+    scaling came out inverted there (held-out ROC AUC 0.109 against CV 0.837; predict_proba 0.004 and
+    decision_function 0.996 on the 120 training rows)."""
+    from sklearn.metrics import roc_auc_score
+
+    from fracfeat import run
+
+    ds = tmp_path / "ds"
+    for label, n in (("fractured", 40), ("not_fractured", 80)):
+        (ds / label).mkdir(parents=True)
+        for p in sorted((fracatlas / label).iterdir())[:n]:
+            (ds / label / p.name).symlink_to(p)
+    result = run(ds, tmp_path / "out", weights=str(vgg16_weights), classifier="svm", n_trials=6, progress=False)
+    model, fs = result.fit.pipeline, result.features
+    proba = model[1:].predict_proba(fs.X)[:, 1]
+    decision = model[1:].decision_function(fs.X)
+    assert roc_auc_score(fs.y, proba) == pytest.approx(roc_auc_score(fs.y, decision))
+    assert roc_auc_score(fs.y, proba) > 0.9  # its own training images included
+    held = result.metrics["held-out"]["roc_auc"]
+    assert held > 0.5 and abs(held - result.fit.cv_score) < 0.25, (held, result.fit.cv_score)

@@ -83,3 +83,52 @@ def test_undefined_metrics_are_none_not_errors():
     assert m["roc_auc"] is None and m["pr_auc"] is None and m["balanced_accuracy"] is None
     assert m["sensitivity"] is None and m["precision"] is None and m["cohen_kappa"] is None
     assert m["specificity"] == 1.0 and m["accuracy"] == 1.0 and m["confusion_matrix"] == [[3, 0], [0, 0]]
+
+
+def test_ranking_alarm_is_a_test_against_chance():
+    from fracfeat._metrics import ranking_alarm
+
+    # 0.40 on 19 normal images is within chance; on 800 images it is not.
+    assert ranking_alarm(0.40, 221, 19, "x") is None
+    assert "ranks inversely on x" in ranking_alarm(0.40, 143, 673, "x")
+    assert ranking_alarm(0.55, 143, 673, "x") is None and ranking_alarm(None, 10, 10, "x") is None
+    assert ranking_alarm(0.0, 5, 0, "x") is None  # one class: no ROC AUC to judge
+
+
+@pytest.fixture(scope="module")
+def flipped(tiny_features):
+    """The training rows with every label swapped: the fitted model must rank them inversely."""
+    return replace(tiny_features, y=1 - tiny_features.y)
+
+
+def test_a_model_that_ranks_inversely_is_reported_in_plain_words(fitted, flipped, tmp_path, caplog):
+    from fracfeat import report
+
+    with caplog.at_level("WARNING", logger="fracfeat"):
+        metrics = evaluate(fitted, flipped)
+    assert metrics["all"]["roc_auc"] < 0.3
+    assert "The model ranks inversely on every image" in caplog.text and "do not use its predictions" in caplog.text
+    page, _ = report(fitted, flipped, tmp_path / "report")
+    assert "The model ranks inversely" in page.read_text()
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fracfeat"):
+        evaluate(fitted, replace(flipped, y=1 - flipped.y))  # the true labels
+    assert "ranks inversely" not in caplog.text
+
+
+def test_the_cli_warns_when_a_model_ranks_inversely(fitted, flipped, tmp_path, python, subprocess_env):
+    import csv
+    import subprocess
+
+    model = tmp_path / "m.joblib"
+    fitted.save(model)
+    manifest = tmp_path / "swapped.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows((p, flipped.classes[int(k)]) for p, k in zip(flipped.paths, flipped.y))
+    r = subprocess.run([python, "-m", "fracfeat", "evaluate", str(model), str(manifest)], env=subprocess_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "warning: The model ranks inversely" in r.stderr
