@@ -55,7 +55,29 @@ def load_model(path):
     if not hasattr(model, "predict_proba"):
         raise ModelError(f"{path!r} holds a {type(model).__name__}, not a classifier with predict_proba; "
                          f"give a .joblib file written by fracfeat")
+    _check_libsvm_probabilities(model, path)
     return model
+
+
+def _check_libsvm_probabilities(model, path: str) -> None:
+    """Warn about an SVM saved by fracfeat 0.1 (``SVC(probability=True)``), and say when its
+    probabilities are inverted: libsvm's internal Platt scaling can fit its sigmoid with the wrong sign.
+
+    Exact and cheap: on the SVM's own support vectors, P(fractured) must rise with the decision function.
+    """
+    from sklearn.svm import SVC
+
+    clf = model.steps[-1][1] if hasattr(model, "steps") else model
+    clf = getattr(clf, "estimator_", getattr(clf, "estimator", clf))  # inside FixedThresholdClassifier
+    if not isinstance(clf, SVC) or not getattr(clf, "probability", False) or not hasattr(clf, "support_vectors_"):
+        return
+    sv = clf.support_vectors_
+    inverted = np.corrcoef(clf.decision_function(sv), clf.predict_proba(sv)[:, 1])[0, 1] < 0
+    log.warning("%s", f"{path}: an SVM saved by fracfeat 0.1, whose probabilities come from libsvm's internal Platt "
+                      f"scaling" + (": they are INVERTED (P(fractured) falls as the SVM's decision value rises), "
+                                    "and so are its threshold and every metric built on them." if inverted else
+                                    ", which can come out inverted on small training sets.")
+                + " Fit it again with this version (fracfeat fit / fracfeat run) to get calibrated probabilities.")
 
 
 def _pipeline_of(model):
