@@ -373,7 +373,8 @@ def fit(
             return X[rows], y[rows]
         return (np.concatenate([X[rows], *(Xv[rows] for _, Xv in views)]),
                 np.tile(y[rows], 1 + len(views)))
-    ctx = SearchContext(seed=seed, n_positive=int((y == 1).sum()), n_negative=int((y == 0).sum()), n_threads=n_threads)
+    ctx = SearchContext(seed=seed, n_positive=int((y == 1).sum()), n_negative=int((y == 0).sum()), n_threads=n_threads,
+                        n_features=int(X.shape[1]))
 
     tag = {"classifier": classifier, "scoring": str(scoring), "seed": int(seed), "fingerprint": fs.fingerprint,
            "n_rows": int(len(y)), "n_positive": ctx.n_positive, "cv": len(folds) if isinstance(cv, int) else repr(cv),

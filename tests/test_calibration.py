@@ -23,7 +23,7 @@ from fracfeat._classifiers import FAMILIES, SearchContext, suggest_steps
 # One trial's parameters per family (as Optuna would suggest them), for the kept model.
 PARAMS = {
     "logreg": {"logreg_pca_variance": 1.0, "logreg_C": 0.1, "logreg_class_weight": "balanced"},
-    "svm": {"svm_pca_variance": 0.95, "svm_C": 3.0, "svm_gamma": 3e-3, "svm_class_weight": "balanced"},
+    "svm": {"svm_pca_variance": 0.95, "svm_C": 3.0, "svm_gamma_scale": 1.0, "svm_class_weight": "balanced"},
     "xgboost": {"xgb_scale_pos_weight": "balanced", "xgb_n_estimators": 50, "xgb_max_depth": 3,
                 "xgb_learning_rate": 0.1, "xgb_subsample": 0.8, "xgb_colsample_bytree": 0.8,
                 "xgb_min_child_weight": 1.0, "xgb_reg_lambda": 1.0},
