@@ -5,11 +5,15 @@ Nothing here imports Keras at module import time.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._errors import ConfigError, WeightsError
+
+log = logging.getLogger("fracfeat")
 
 POOLINGS = ("avg", "max", "none")
 
@@ -118,9 +122,10 @@ def resolve_weights(spec: BackboneSpec, weights) -> ResolvedWeights:
     if weights is None or (isinstance(weights, str) and weights.lower() in ("none", "random")):
         return ResolvedWeights("random", None, "random:he-normal:seed=0")
     if isinstance(weights, str) and weights.lower() == "imagenet":
-        try:
-            import keras
+        from ._deps import require
 
+        keras = require("keras", why="weights='imagenet'")
+        try:
             path = keras.utils.get_file(
                 spec.imagenet_file, spec.imagenet_origin, cache_subdir="models", file_hash=spec.imagenet_md5
             )
@@ -169,11 +174,22 @@ def build_backbone(spec: BackboneSpec, image_size: int, weights: ResolvedWeights
     if weights.kind == "random":
         _seeded_random_weights(model)
     else:
-        try:
-            model.load_weights(weights.path)
-        except Exception as e:
-            raise WeightsError(
-                f"weights file {weights.path!r} does not fit {spec.name} without its top ({type(e).__name__}: {e}); "
-                f"pass the no-top weights of {spec.keras_constructor}"
-            ) from None
+        _load_weights_file(model, spec, weights.path)
     return model
+
+
+def _load_weights_file(model, spec: BackboneSpec, path: str) -> None:
+    """``model.load_weights``, with Keras' per-layer UserWarnings turned into one message of ours."""
+    hint = f"pass the no-top weights of {spec.keras_constructor}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            model.load_weights(path)
+        except Exception as e:  # the ~100 warnings Keras gave before giving up only repeat the reason
+            raise WeightsError(f"weights file {path!r} does not fit {spec.name} without its top "
+                               f"({type(e).__name__}: {e}); {hint}") from None
+    said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if said:
+        # Keras loaded the file in spite of them; its own words: skipped layers keep their random weights.
+        log.warning("weights file %r may not fit %s: Keras warned %d times while loading it (the first: %s); "
+                    "features from layers it skipped would be wrong: %s", path, spec.name, len(said), said[0], hint)

@@ -10,6 +10,7 @@ TensorFlow both release the GIL), so the CPU decodes the next batch while the ba
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -39,15 +40,27 @@ def has_gpu() -> bool:
     """
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")):
-        if sys.platform.startswith("linux"):
-            return False
-    try:
-        import tensorflow as tf
+    driver = os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")
+    if not driver and sys.platform.startswith("linux"):
+        return False
+    from ._deps import require
 
-        return bool(tf.config.list_physical_devices("GPU"))
+    try:
+        gpus = require("tensorflow").config.list_physical_devices("GPU")
     except Exception:
         return False
+    if driver and not gpus:
+        _warn_unused_gpu_driver()
+    return bool(gpus)
+
+
+@functools.lru_cache(maxsize=None)  # once per process: has_gpu() runs for every "auto" choice
+def _warn_unused_gpu_driver() -> None:
+    # TensorFlow's own reason (a CUDA library missing, a CPU-only wheel) is a native log line we
+    # hide; this says what it means for the user.
+    log.warning("a GPU driver is installed but TensorFlow finds no usable GPU, so features are computed on the "
+                "CPU (slower); `fracfeat --verbose` (in Python: DEBUG logging of the 'fracfeat' logger) shows "
+                "TensorFlow's reason; set CUDA_VISIBLE_DEVICES=-1 to use the CPU without this warning")
 
 
 def cpu_flags() -> frozenset[str]:
@@ -74,9 +87,10 @@ def cpu_has_bf16() -> bool:
 
 def gpu_supports_bfloat16() -> bool:
     """True when the first GPU has bfloat16 tensor cores (NVIDIA compute capability 8.0 or newer)."""
-    try:
-        import tensorflow as tf
+    from ._deps import require
 
+    try:
+        tf = require("tensorflow")
         gpus = tf.config.list_physical_devices("GPU")
         cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") if gpus else None
         return bool(cc) and tuple(cc) >= (8, 0)
@@ -273,7 +287,9 @@ def _pooled_taps(keras, backbone, config: ExtractorConfig):
 
 def keras_versions() -> dict:
     """Keras, its backend and TensorFlow versions (imports Keras)."""
-    import keras
+    from ._deps import require
+
+    keras = require("keras")
 
     versions = {"keras_version": keras.__version__, "keras_backend": keras.backend.backend(), "tensorflow_version": ""}
     if "tensorflow" in sys.modules:
@@ -285,12 +301,13 @@ class KerasRunner:
     """Runs the feature model with one compiled graph call per batch (no ``predict`` overhead)."""
 
     def __init__(self, model):
-        import keras
+        from ._deps import require
 
+        keras = require("keras")
         self.model = model
         self._fn = None
         if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
+            tf = require("tensorflow")
 
             s = model.input_shape[1]
             self._fn = tf.function(
@@ -324,7 +341,9 @@ _OV_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 def _keras_to_openvino(ov, model):
     """Trace the Keras model's TensorFlow graph (uint8 in, dynamic batch) and convert it."""
-    import tensorflow as tf
+    from ._deps import require
+
+    tf = require("tensorflow")
 
     s = model.input_shape[1]
     fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8)])

@@ -40,11 +40,11 @@ def _hash_one(path: str):
 
 def hash_files(paths, workers: int = 4, progress: bool = False):
     """sha256 of each file's bytes (or the reason it cannot be read), in input order."""
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fracfeat-hash") as pool:
         results = pool.map(_hash_one, paths, chunksize=16)
-        return list(tqdm(results, total=len(paths), desc="hashing", unit="img", disable=not progress, leave=False))
+        return list(progress_bar(results, total=len(paths), desc="hashing", unit="img", enabled=progress, leave=False))
 
 
 def _runtime_versions(engine_versions: dict | None, store: FeatureStore, fingerprint: str) -> dict:
@@ -335,7 +335,7 @@ def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_co
 
     Returns the versions of the software that computed them (:meth:`FeatureEngine.versions`).
     """
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     engine = FeatureEngine(config, resolved_weights)
     batch_size = batch_size or preferred_batch_size(config)
@@ -361,7 +361,7 @@ def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_co
         pending_ids, pending_rows = [], []
         last_flush = time.monotonic()
 
-    bar = tqdm(total=len(miss_paths), desc=f"extract {config.backbone}", unit="img", disable=not progress)
+    bar = progress_bar(total=len(miss_paths), desc=f"extract {config.backbone}", unit="img", enabled=progress)
     try:
         for batch in engine.iter_features(miss_paths, batch_size=batch_size, strict=strict, workers=workers,
                                           sha256s=miss_ids):

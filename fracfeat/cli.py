@@ -503,7 +503,9 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
     log.setLevel(level)
     log.propagate = False
     if not verbose:
-        # TensorFlow's C++ start-up chatter (oneDNN notes, "no CUDA driver") is noise on a CLI.
+        # TensorFlow's C++ notes are noise on a CLI. Those printed before its log is set up (oneDNN,
+        # "no CUDA driver") ignore this variable and fracfeat._quiet discards them; it silences the
+        # ones TensorFlow prints later, while features are computed.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
