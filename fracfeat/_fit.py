@@ -405,7 +405,7 @@ def fit(
         if remaining > 0:
             from ._progress import TrialProgress
 
-            with TrialProgress(remaining, scoring=str(scoring), enabled=progress) as bar:
+            with TrialProgress(remaining, scoring=str(scoring), enabled=progress, timeout=timeout) as bar:
                 study.optimize(objective, n_trials=remaining, timeout=timeout, n_jobs=n_jobs,
                                callbacks=[*(callbacks or ()), bar])
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

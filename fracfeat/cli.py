@@ -11,11 +11,15 @@ defaults apply, or a ``--preset``'s settings, which options given on the command
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
 import sys
 from dataclasses import asdict
+
+from ._fit import fit
+from ._run import run
 
 log = logging.getLogger("fracfeat")
 
@@ -201,15 +205,19 @@ def cmd_store_verify(args) -> int:
 
 # -- fit / evaluate / predict / run ------------------------------------------------------------------
 
-def _add_tuning_options(p: argparse.ArgumentParser, *, classifier: str, threshold: str | None) -> None:
+def _add_tuning_options(p: argparse.ArgumentParser, api) -> None:
+    """The tuning options of ``api`` (fit or run), their defaults read from its signature."""
+    d = {name: param.default for name, param in inspect.signature(api).parameters.items()}
+    threshold = d["threshold"]
     g = p.add_argument_group("tuning")
     g.add_argument("--classifier", default=None,
-                   help=f"logreg, svm, xgboost, or auto (searches the three) (default: {classifier})")
-    g.add_argument("--trials", type=int, default=None, metavar="N", help="Optuna trials (default: 50)")
+                   help=f"logreg, svm, xgboost, or auto (searches the three) (default: {d['classifier']})")
+    g.add_argument("--trials", type=int, default=None, metavar="N", help=f"Optuna trials (default: {d['n_trials']})")
     g.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
-    g.add_argument("--cv", type=int, default=None, metavar="K", help="cross-validation folds (default: 5)")
-    g.add_argument("--scoring", default=None, help="scikit-learn scorer to maximize (default: roc_auc)")
-    g.add_argument("--seed", type=int, default=None, help="seeds sampler, folds and classifiers (default: 0)")
+    g.add_argument("--cv", type=int, default=None, metavar="K", help=f"cross-validation folds (default: {d['cv']})")
+    g.add_argument("--scoring", default=None, help=f"scikit-learn scorer to maximize (default: {d['scoring']})")
+    g.add_argument("--seed", type=int, default=None,
+                   help=f"seeds sampler, folds and classifiers (default: {d['seed']})")
     g.add_argument("--threshold", default=None,
                    help="decision threshold chosen on the training folds: balanced_accuracy, sensitivity:0.9, "
                         f"or none for the classifier's own rule (default: {threshold or 'none'})")
@@ -262,8 +270,6 @@ def _view_version(store, ref: str):
 
 
 def cmd_fit(args) -> int:
-    from . import fit
-
     path, version = split_store_ref(args.store)
     store = open_store(path)
     augment = [_view_version(store, ref) for ref in (args.augment or "").split(",") if ref.strip()]
@@ -340,8 +346,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import run
-
     options = {**_extract_kwargs(args), **_tuning_kwargs(args)}  # both carry progress=
     result = run(args.source, args.out, store=args.store, test_size=args.test_size, **options,
                  **_given(augment=args.augment))
@@ -438,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store versions holding augmented views of the same images (made by `extract --view`), "
                         "as N, vN or STORE@N: each training row's views join the training side of every fold "
                         "and the kept model; validation uses the original images only")
-    _add_tuning_options(p, classifier="logreg", threshold=None)
+    _add_tuning_options(p, fit)
     _add_preset_option(p, "tuning")
     p.set_defaults(func=cmd_fit)
 
@@ -465,12 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="the main job: extract, tune, evaluate on held-out images, report",
                        description="Extract features of SOURCE, tune a classifier on the training images, "
                                    "evaluate it on held-out images (the source's test split, else a grouped "
-                                   "stratified hold-out), and save OUT/model.joblib and OUT/report/index.html.")
+                                   "stratified hold-out), and save OUT/model.joblib and OUT/report/index.html. "
+                                   "The default budget (30 trials of the RBF SVM) tunes all 4,083 FracAtlas "
+                                   "images in about 15 minutes on 2 cores; --trials, --timeout and "
+                                   "--classifier auto go further.")
     p.add_argument("source", help="labeled images: class folders, train/val/test folders, or a CSV manifest")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_extract_options(p, store_default=None)
     p.add_argument("--store", default=None, help="feature store folder (default: OUT/store)")
-    _add_tuning_options(p, classifier="auto", threshold="balanced_accuracy")
+    _add_tuning_options(p, run)
     p.add_argument("--test-size", type=float, default=0.2, help="share held out when the source has no test split")
     p.add_argument("--augment", default=None, metavar="VIEW[,VIEW]",
                    help="also extract these augmented views of every image (hflip, rot+N, rot-N, cropF) and train "
