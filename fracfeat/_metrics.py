@@ -68,8 +68,10 @@ def _check_libsvm_probabilities(model, path: str) -> None:
     from sklearn.svm import SVC
 
     clf = model.steps[-1][1] if hasattr(model, "steps") else model
-    clf = getattr(clf, "estimator_", getattr(clf, "estimator", clf))  # inside FixedThresholdClassifier
-    if not isinstance(clf, SVC) or not getattr(clf, "probability", False) or not hasattr(clf, "support_vectors_"):
+    while not isinstance(clf, SVC) and hasattr(clf, "estimator_"):  # inside FixedThresholdClassifier
+        clf = clf.estimator_
+    # True only in 0.1's SVMs; scikit-learn 1.9 defaults it to "deprecated".
+    if not isinstance(clf, SVC) or getattr(clf, "probability", None) is not True:
         return
     sv = clf.support_vectors_
     inverted = np.corrcoef(clf.decision_function(sv), clf.predict_proba(sv)[:, 1])[0, 1] < 0
