@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fracfeat import FeatureStore, extract, fit, join_features  # noqa: E402
-from fracfeat._engine import resolve_extractor  # noqa: E402
+from fracfeat._engine import describe_machine, resolve_extractor  # noqa: E402
 from fracfeat._extract import hash_files  # noqa: E402
 from fracfeat._validation import bootstrap_ci, grouped_folds, out_of_fold  # noqa: E402
 
@@ -273,14 +273,17 @@ def main(argv=None) -> int:
         "threshold": "tuned methods: maximize balanced accuracy on inner out-of-fold predictions; seed-lr: 0.5",
         "wall_seconds": round(time.perf_counter() - t_all, 1),
         "load_average": os.getloadavg(),
+        "machine": describe_machine(),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print()
     print(markdown(results))
+    m = report["machine"]
     print(f"\n{len(paths)} images, {report['groups']} groups, {args.folds} grouped folds; "
-          f"wall {report['wall_seconds']:.0f}s; JSON: {args.out}")
+          f"wall {report['wall_seconds']:.0f}s; on {m['cpu']} ({m['cpu_count']} cores; {' '.join(m['cpu_flags'])}); "
+          f"JSON: {args.out}")
     return 0
 
 

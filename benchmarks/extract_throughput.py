@@ -31,7 +31,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -244,14 +243,13 @@ def main(argv=None) -> None:
     if not (FRACATLAS / "manifest.csv").is_file():
         raise SystemExit(f"FracAtlas not found at {FRACATLAS}: set FRACFEAT_SHARED to the shared/ folder")
 
-    from fracfeat._engine import cpu_has_bf16, has_gpu, openvino_available
+    from fracfeat._engine import describe_machine
 
     paths = image_paths(args.n) if args.backbones else []
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_avg_start": load_avg(),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpu": has_gpu(),
-                    "cpu_bf16": cpu_has_bf16(), "openvino": openvino_available()},
+        "machine": describe_machine(),
         "n_images": args.n, "baseline_n_images": args.baseline_n, "repeats": args.repeats, "backbones": {},
     }
     print(f"load average {result['load_avg_start']}; {args.n} images, {args.repeats} repeats", flush=True)

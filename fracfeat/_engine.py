@@ -132,6 +132,21 @@ class Hardware:
                    openvino=openvino_available())
 
 
+def describe_machine() -> dict:
+    """What a benchmark ran on: CPU model, the flags that change the fast path, cores, and :class:`Hardware`."""
+    import platform
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"})
+    return {"cpu": model or platform.processor(), "cpu_flags": flags, "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), **dataclasses.asdict(Hardware.detect())}
+
+
 def choose_precision_and_runtime(spec: BackboneSpec, precision: str, runtime: str,
                                  hardware: Hardware | None = None) -> tuple[str, str]:
     """Resolve "auto" to the fastest correct path for this backbone on ``hardware`` (default: this machine).

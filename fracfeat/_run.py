@@ -15,10 +15,9 @@ from ._presets import get_preset, preset_defaults, settings_text
 log = logging.getLogger("fracfeat")
 
 HOLDOUT = "held-out"
-# The main job's default tuning budget: the RBF SVM (the best family on every feature type of the accuracy
-# benchmark) over 30 trials. On all of FracAtlas it tunes in about 15 minutes on 2 cores, where the former
-# default (50 trials of the three families, XGBoost's dominating) took over an hour for no better a model
-# (README, "Run the main job"). --trials / --timeout / --classifier auto go further.
+# The main job's default tuning budget: 30 trials of the RBF SVM, the family of the best rows of the grouped
+# accuracy benchmark. On all of FracAtlas it tuned in 50 s on 2 cores, where the former default (50 trials of
+# the three families, XGBoost's dominating) took 47 min; held-out figures of both: README, "Run the main job".
 DEFAULT_CLASSIFIER = "svm"
 DEFAULT_TRIALS = 30
 
@@ -121,10 +120,10 @@ def run(
     store : str or Path, optional
         Feature store folder (default ``OUT/store``); a shared store reuses features across runs.
     classifier, n_trials, timeout, cv, scoring, seed, threshold, storage, study_name
-        Tuning settings, as for :func:`fracfeat.fit`. The default budget, 30 trials of the RBF SVM, tunes
-        all of FracAtlas (4,083 images) in about 15 minutes on 2 cores. ``threshold`` defaults to the one that maximizes
-        balanced accuracy on the training folds: about 18% of radiographs are fractured, and the
-        default 0.5 then sacrifices sensitivity.
+        Tuning settings, as for :func:`fracfeat.fit`. The default budget, 30 trials of the RBF SVM, tuned
+        all of FracAtlas (4,083 images) in under a minute on 2 cores. ``threshold`` defaults to the one
+        that maximizes balanced accuracy on the training folds: about 18% of radiographs are fractured,
+        and the default 0.5 then sacrifices sensitivity.
     test_size : float
         Share of images held out when the source has no test split.
     augment : sequence of str, optional
