@@ -63,16 +63,21 @@ def _warn_unused_gpu_driver() -> None:
                 "TensorFlow's reason; set CUDA_VISIBLE_DEVICES=-1 to use the CPU without this warning")
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags the kernel exposes (Linux; empty elsewhere)."""
+def cpuinfo_field(name: str) -> str:
+    """The first CPU's ``name`` line of /proc/cpuinfo ("flags", "model name"); "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel exposes (Linux; empty elsewhere)."""
+    return frozenset(cpuinfo_field("flags").split())
 
 
 def cpu_has_bf16() -> bool:
@@ -136,12 +141,7 @@ def describe_machine() -> dict:
     """What a benchmark ran on: CPU model, the flags that change the fast path, cores, and :class:`Hardware`."""
     import platform
 
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
+    model = cpuinfo_field("model name")
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"})
     return {"cpu": model or platform.processor(), "cpu_flags": flags, "cpu_count": os.cpu_count(),
             "platform": platform.platform(), **dataclasses.asdict(Hardware.detect())}
