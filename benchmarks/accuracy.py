@@ -38,8 +38,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fracfeat import FeatureStore, extract, fit, join_features  # noqa: E402
-from fracfeat._engine import describe_machine, resolve_extractor  # noqa: E402
+from fracfeat._config import resolve_extractor  # noqa: E402
 from fracfeat._extract import hash_files  # noqa: E402
+from fracfeat._hardware import describe_machine  # noqa: E402
 from fracfeat._validation import bootstrap_ci, grouped_folds, out_of_fold  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

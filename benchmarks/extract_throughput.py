@@ -131,7 +131,8 @@ def bench_extract(backbone: str, paths: list[str], repeats: int, workdir: Path) 
 
 
 def decoded_batch(backbone: str, paths: list[str], repeats: int) -> tuple[np.ndarray, dict]:
-    from fracfeat._engine import FeatureEngine, resolve_extractor
+    from fracfeat._config import resolve_extractor
+    from fracfeat._engine import FeatureEngine
 
     config, resolved = resolve_extractor(backbone, None, precision="float32", runtime="keras")
     engine = FeatureEngine(config, resolved)
@@ -145,7 +146,8 @@ def decoded_batch(backbone: str, paths: list[str], repeats: int) -> tuple[np.nda
 
 def bench_forward(backbone: str, pixels: np.ndarray, path: tuple[str, str], repeats: int, batch_size: int) -> dict:
     """Forward-only on decoded uint8 batches through the engine (the code extract runs)."""
-    from fracfeat._engine import FeatureEngine, resolve_extractor
+    from fracfeat._config import resolve_extractor
+    from fracfeat._engine import FeatureEngine
 
     precision, runtime = path
     config, resolved = resolve_extractor(backbone, weights_for(backbone), precision=precision, runtime=runtime)
@@ -167,7 +169,7 @@ def bench_forward(backbone: str, pixels: np.ndarray, path: tuple[str, str], repe
 
 def compute_ceiling() -> tuple[float | None, str | None]:
     """(GFLOP/s, what it is): a known GPU's nominal tensor-core peak, else this CPU's nominal float32 peak."""
-    from fracfeat._engine import has_gpu
+    from fracfeat._hardware import has_gpu
 
     if has_gpu():
         gpu = gpu_peak_tflops()
@@ -243,7 +245,7 @@ def main(argv=None) -> None:
     if not (FRACATLAS / "manifest.csv").is_file():
         raise SystemExit(f"FracAtlas not found at {FRACATLAS}: set FRACFEAT_SHARED to the shared/ folder")
 
-    from fracfeat._engine import describe_machine
+    from fracfeat._hardware import describe_machine
 
     paths = image_paths(args.n) if args.backbones else []
     result = {

@@ -3,6 +3,7 @@
 Public API (everything else lives in private modules)::
 
     from fracfeat import extract, fit, evaluate, report, run, load_model, presets, FeatureStore, FeatureSet, DeepFeatures
+    from fracfeat import save_model  # a fitted Pipeline to a .joblib file, atomically
     from fracfeat import join_features  # features of several extractors side by side
 
 Importing fracfeat is cheap: TensorFlow/Keras, XGBoost, Optuna and matplotlib load only when used.
@@ -18,10 +19,13 @@ from ._errors import (
     StoreError,
     WeightsError,
 )
+from ._config import ExtractorSettings
 from ._extract import extract
 from ._featureset import FeatureSet, join_features
 from ._fit import FitResult, fit
-from ._metrics import METRIC_KEYS, evaluate, load_model
+from ._metrics import METRIC_KEYS, evaluate
+from ._model_io import load_model, save_model
+from ._predict import predict
 from ._presets import Preset, presets
 from ._report import report
 from ._run import RunResult, run
@@ -30,9 +34,12 @@ from ._version import __version__
 
 __all__ = [
     "extract",
+    "ExtractorSettings",
     "fit",
     "evaluate",
+    "predict",
     "load_model",
+    "save_model",
     "report",
     "run",
     "RunResult",

@@ -11,7 +11,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._deps import require, require_keras
 from ._errors import ConfigError, WeightsError
+from ._images import sha256_of_file
 
 log = logging.getLogger("fracfeat")
 
@@ -107,12 +109,6 @@ class ResolvedWeights:
     identity: str  # e.g. "file:sha256:..." or "random:he-normal:seed=0"
 
 
-def _sha256(path: str) -> str:
-    from ._images import sha256_of_file
-
-    return sha256_of_file(path)
-
-
 def resolve_weights(spec: BackboneSpec, weights) -> ResolvedWeights:
     """Turn the user's ``weights`` into a file path (or None) and an identity.
 
@@ -122,8 +118,6 @@ def resolve_weights(spec: BackboneSpec, weights) -> ResolvedWeights:
     if weights is None or (isinstance(weights, str) and weights.lower() in ("none", "random")):
         return ResolvedWeights("random", None, "random:he-normal:seed=0")
     if isinstance(weights, str) and weights.lower() == "imagenet":
-        from ._deps import require
-
         keras = require("keras", why="weights='imagenet'")
         try:
             path = keras.utils.get_file(
@@ -134,13 +128,13 @@ def resolve_weights(spec: BackboneSpec, weights) -> ResolvedWeights:
                 f"could not get Keras' ImageNet weights for {spec.name} ({type(e).__name__}: {e}). "
                 f"Offline? Put the file at ~/.keras/models/{spec.imagenet_file}, or pass weights='/path/to/weights.h5'."
             ) from None
-        return ResolvedWeights("imagenet", path, f"imagenet:sha256:{_sha256(path)}")
+        return ResolvedWeights("imagenet", path, f"imagenet:sha256:{sha256_of_file(path)}")
     path = Path(os.fspath(weights)).expanduser()
     if not path.is_file():
         raise WeightsError(
             f"weights file {str(path)!r} not found: pass an existing Keras weights file, 'imagenet', or None"
         )
-    return ResolvedWeights("file", str(path.resolve()), f"file:sha256:{_sha256(str(path))}")
+    return ResolvedWeights("file", str(path.resolve()), f"file:sha256:{sha256_of_file(str(path))}")
 
 
 def _seeded_random_weights(model, seed: int = 0) -> None:
@@ -160,8 +154,6 @@ def _seeded_random_weights(model, seed: int = 0) -> None:
 def build_backbone(spec: BackboneSpec, image_size: int, weights: ResolvedWeights):
     """The Keras application without its top, for ``image_size`` x ``image_size`` RGB input."""
     import importlib
-
-    from ._deps import require_keras
 
     require_keras()
     module = importlib.import_module(f"keras.applications.{spec.keras_module}")

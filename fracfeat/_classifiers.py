@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._deps import require
 from ._errors import ConfigError
 
 # PCA keeping this fraction of the variance; 1.0 means no PCA. Deep features are wide (512-2048)
@@ -107,8 +108,6 @@ def _gamma(trial, ctx: SearchContext) -> float:
 
 def xgboost_steps(trial, ctx: SearchContext) -> list:
     """XGBoost: trees, depth, learning rate, subsampling, regularization, scale_pos_weight."""
-    from ._deps import require
-
     xgb = require("xgboost", why='classifier="xgboost"')
     balance = trial.suggest_categorical("xgb_scale_pos_weight", ("balanced", "none"))
     clf = xgb.XGBClassifier(

@@ -1,16 +1,34 @@
-"""The extractor configuration: everything that changes the numbers, and its fingerprint."""
+"""Extractor settings: the one place an extractor option is declared, resolved and fingerprinted.
+
+- :class:`ExtractorSettings` is what a user passes (``"auto"`` allowed): ``extract``, ``DeepFeatures``,
+  the parts of joined features, presets, the store's descriptions and the CLI all take their
+  parameters from its fields.
+- :meth:`ExtractorSettings.resolve` turns settings into an :class:`ExtractorConfig` (nothing "auto"
+  left, the weights' identity) and the weights to build the backbone from.
+- :class:`ExtractorConfig` is everything that changes the numbers; its fingerprint keys the cache.
+  :meth:`ExtractorConfig.from_provenance` reads it back from a store version.
+
+Adding an option: a field of :class:`ExtractorSettings` made with :func:`option` (default, help, and
+``off``: the resolved value that means "not used", left out of the fingerprint so that every row
+stored before the option existed stays valid), its check in :meth:`ExtractorSettings.resolve`, and the
+code that uses it. Nothing else lists options.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backbones import backbone_spec, resolve_image_size, resolve_pooling
+from ._backbones import ResolvedWeights, backbone_spec, resolve_image_size, resolve_pooling, resolve_weights
 from ._errors import ConfigError
+from ._hardware import Hardware, choose_precision_and_runtime
 from ._images import DECODE_RECIPE, TRUNCATED_POLICIES
+from ._views import check_view
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 RUNTIMES = ("auto", "keras", "openvino")
@@ -18,44 +36,170 @@ RUNTIMES = ("auto", "keras", "openvino")
 # Bump when a code change alters features for identical settings, so old cache rows stop matching.
 FEATURE_CODE_VERSION = 1
 
+_ALWAYS = object()  # ``off`` of the settings every fingerprint holds (they predate optional ones)
+
+
+def option(default, help: str, *, off=_ALWAYS, metavar: str | None = None, cli_type=None, choices=None,
+           per_part: bool = True, view: bool = False):
+    """A field of :class:`ExtractorSettings` with what every consumer needs to know about it.
+
+    Parameters
+    ----------
+    default
+        The user-facing default (may be "auto" or None).
+    help : str
+        One line for the command line's ``--help`` and the docs.
+    off
+        The resolved value meaning "not used": the fingerprint leaves the field out at that value, so
+        fingerprints made before the option existed stay valid. New options must give one.
+    metavar, cli_type, choices
+        How the command line spells the value (``cli_type=int``...).
+    per_part : bool
+        Whether a part of ``extract(join=...)`` may set it (False: the whole call's).
+    view : bool
+        An augmented view of the image: ``run`` and ``fit`` take views through ``augment=``, not as a setting.
+    """
+    meta = dict(help=help, off=off, metavar=metavar, cli_type=cli_type, choices=choices, per_part=per_part, view=view)
+    return field(default=default, metadata=meta)
+
 
 @dataclass(frozen=True)
-class ExtractorConfig:
-    """Fully resolved settings of one feature extractor (no "auto" left)."""
+class ExtractorSettings:
+    """How to turn an image into a feature vector, as a user gives it ("auto" allowed).
 
-    backbone: str
-    image_size: int
-    pooling: str
-    preprocessing: str
-    weights: str  # identity, e.g. "file:sha256:<hex>"
-    precision: str
-    runtime: str
-    decode: str = DECODE_RECIPE
-    truncated: str = "read"
-    feature_code_version: int = FEATURE_CODE_VERSION
-    # Detail-keeping views (see :func:`validate_detail`). Left out of as_dict() at their defaults, so the
-    # fingerprints of plain extractors, and every store row made before these existed, stay valid.
-    tiles: int = 1
-    scales: tuple = ()
-    # Intermediate layers pooled and concatenated before the final output (see :func:`validate_layers`);
-    # out of as_dict() when empty, for the same reason.
-    layers: tuple = ()
-    # Augmented view applied before resizing (fracfeat._views), "" for the image as it is; out of
-    # as_dict() when "", for the same reason.
-    view: str = ""
+    Pass the fields as keywords to :func:`fracfeat.extract`, :class:`fracfeat.DeepFeatures` or
+    :func:`fracfeat.run`, or as ``--option`` on the command line (``--image-size 448``).
+    """
+
+    backbone: str = option("vgg16", "vgg16, resnet50 or efficientnetb2")
+    image_size: int | None = option(None, "square input size in pixels (default: the backbone's, e.g. 224)",
+                                    metavar="N", cli_type=int)
+    pooling: str = option("avg", "global pooling of the last convolution map: avg, max, or none to flatten it")
+    precision: str = option("auto", "auto, float32, bfloat16 or float16: auto picks the fastest correct one for the "
+                                    "backbone and hardware")
+    runtime: str = option("auto", "auto, keras or openvino")
+    truncated: str = option("read", "truncated image files: read what is there (flagged per row) or record "
+                                    "them as failures", choices=TRUNCATED_POLICIES, per_part=False)
+    tiles: int = option(1, "keep small detail: N x N tiles overlapping by half, of image-size px each, cut "
+                           "from the image resized to image-size x (N+1)/2, their features pooled by mean and "
+                           "by max (1: the whole image once)", off=1, metavar="N", cli_type=int)
+    scales: tuple | None = option(None, "multi-scale: concatenate the features of the whole image at these "
+                                        "input sizes, e.g. 224,448 (not with tiles)", off=(), metavar="S1,S2")
+    layers: tuple | None = option(None, "multi-layer: these intermediate layers, pooled, before the final "
+                                        "features, e.g. block3_pool,block4_pool for vgg16, or 'all' (needs "
+                                        "pooling avg or max)", off=(), metavar="L1,L2")
+    view: str | None = option(None, "an augmented view of every image, as its own store entry, for `fit "
+                                    "--augment`: hflip, rot+N / rot-N (degrees), or cropF (central fraction, e.g. "
+                                    "crop0.8)", off="", metavar="VIEW", per_part=False, view=True)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def options(cls) -> tuple[dataclasses.Field, ...]:
+        """The fields, with their :func:`option` metadata (``help``, ``off``, ``per_part``...)."""
+        return dataclasses.fields(cls)
+
+    @classmethod
+    def from_kwargs(cls, where: str = "", **kwargs) -> "ExtractorSettings":
+        """Settings from keywords, with a ConfigError naming the known ones for any other."""
+        unknown = sorted(set(kwargs) - set(cls.names()))
+        if unknown:
+            raise ConfigError(f"{where or 'the extractor'} got unknown setting(s) {', '.join(unknown)}: the "
+                              f"extractor settings are {', '.join(cls.names())}")
+        return cls(**kwargs)
+
+    def given(self) -> dict:
+        """The settings that differ from the defaults."""
+        return {f.name: getattr(self, f.name) for f in self.options() if getattr(self, f.name) != f.default}
+
+    def replace(self, **changes) -> "ExtractorSettings":
+        return dataclasses.replace(self, **changes)
+
+    def resolve(self, weights="imagenet", *, weights_identity: str | None = None,
+                hardware: Hardware | None = None) -> tuple["ExtractorConfig", ResolvedWeights | None]:
+        """The exact extractor these settings make here, and its weights.
+
+        Cheap checks come first (before any file is read or Keras imported). ``weights_identity``
+        (``"file:sha256:<hex>"``) stands in for reading and hashing ``weights``: the weights are then
+        verified when the backbone is built, and None is returned for them. ``hardware`` (default:
+        this machine) is what "auto" precision and runtime are chosen for.
+        """
+        spec = backbone_spec(self.backbone)
+        image_size = resolve_image_size(spec, self.image_size)
+        pooling = resolve_pooling(self.pooling)
+        precision = check_choice("precision", self.precision, PRECISIONS)
+        runtime = check_choice("runtime", self.runtime, RUNTIMES)
+        truncated = check_choice("truncated", self.truncated, TRUNCATED_POLICIES)
+        tiles, scales = check_tiles(self.tiles), check_scales(spec, self.scales)
+        if tiles > 1 and scales:
+            raise ConfigError("tiles= and scales= cannot be combined; pick one")
+        image_size = max(scales) if scales else image_size
+        layers = check_layers(spec, pooling, self.layers)
+        view = check_view(self.view)
+        resolved = None if weights_identity is not None else resolve_weights(spec, weights)
+        precision, runtime = choose_precision_and_runtime(spec, precision, runtime, hardware)
+        config = ExtractorConfig(
+            backbone=spec.name, image_size=image_size, pooling=pooling, precision=precision, runtime=runtime,
+            truncated=truncated, tiles=tiles, scales=scales, layers=layers, view=view,
+            preprocessing=spec.preprocessing, weights=str(weights_identity) if resolved is None else resolved.identity,
+        )
+        return config, resolved
+
+
+@dataclass(frozen=True)
+class ExtractorConfig(ExtractorSettings):
+    """Fully resolved settings of one feature extractor (no "auto" left), and its fingerprint.
+
+    Its settings fields hold resolved values (``scales=()`` when unused...); the fields below are fixed by
+    the code and the weights.
+    """
+
+    preprocessing: str = option("", "the backbone's input preprocessing (caffe, torch, ...)")
+    weights: str = option("", "identity of the weights, e.g. file:sha256:<hex>")
+    decode: str = option(DECODE_RECIPE, "how files are decoded and resized")
+    feature_code_version: int = option(FEATURE_CODE_VERSION, "version of the feature code")
+
+    def __post_init__(self):
+        # An option not given is at its "off" value (the user-facing default None means the same); JSON's
+        # lists are the settings' tuples.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata["off"] is not _ALWAYS:
+                object.__setattr__(self, f.name, f.metadata["off"])
+            elif isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        if self.tiles == 1:
-            del d["tiles"]
-        if not self.view:
-            del d["view"]
-        for name in ("scales", "layers"):
-            if d[name]:
-                d[name] = list(d[name])  # JSON has lists: provenance read back must give the same fingerprint
-            else:
-                del d[name]
+        """The fingerprinted fields: every one but those at their ``off`` value; tuples as lists (JSON's)."""
+        d = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["off"] is not _ALWAYS and value == f.metadata["off"]:
+                continue
+            d[f.name] = list(value) if isinstance(value, tuple) else value
         return d
+
+    def settings(self) -> ExtractorSettings:
+        """The settings that make this extractor again (unused options at their defaults)."""
+        values = {f.name: getattr(self, f.name) for f in ExtractorSettings.options()}
+        return ExtractorSettings(**{f.name: f.default if values[f.name] == f.metadata["off"] else values[f.name]
+                                    for f in ExtractorSettings.options()})
+
+    @classmethod
+    def from_provenance(cls, provenance: dict) -> "ExtractorConfig":
+        """The exact extractor a store version was made with (resolved precision/runtime, no "auto")."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.metadata["off"] is _ALWAYS and f.name not in provenance]
+        if missing:
+            raise ConfigError(f"provenance lacks {', '.join(missing)}: it does not come from a fracfeat store version")
+        config = cls(**{f.name: provenance[f.name] for f in fields if f.name in provenance})
+        recorded = provenance.get("fingerprint")
+        if recorded and recorded != config.fingerprint:
+            raise ConfigError(f"provenance fingerprint {recorded[:12]} does not match its own settings "
+                              f"({config.fingerprint[:12]}): the version's attributes were edited or damaged")
+        return config
 
     @property
     def decode_size(self) -> int:
@@ -76,45 +220,52 @@ class ExtractorConfig:
         return hashlib.sha256(blob).hexdigest()
 
 
+def options_text(provenance: dict) -> str:
+    """``tiles=3 layers=block3_pool,block4_pool view=hflip``: the optional settings a version's extractor was given."""
+    texts = []
+    for f in ExtractorSettings.options():
+        value = provenance.get(f.name)
+        if f.metadata["off"] is not _ALWAYS and value is not None and value != f.metadata["off"] and value != []:
+            texts.append(f"{f.name}={','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    return " ".join(texts)
+
+
 def tile_canvas(tile: int, tiles: int) -> int:
     """Side of the image cut into ``tiles`` x ``tiles`` tiles of ``tile`` px overlapping by half."""
     return tile * (tiles + 1) // 2
 
 
-def validate_detail(spec, image_size: int, tiles, scales) -> tuple[int, int, tuple]:
-    """Check the detail-keeping options; returns (image_size, tiles, scales) resolved.
+def check_tiles(tiles) -> int:
+    """``tiles=n``: n x n tiles overlapping by half (1: the whole image once).
 
-    - ``tiles=n`` (n >= 2): the image is resized to ``image_size * (n + 1) / 2`` px and cut into n x n
-      tiles of ``image_size`` px overlapping by half; each tile goes through the backbone and its global
-      pooling, and the per-tile features are pooled over tiles by mean and by max, concatenated
-      (2 x the backbone's width). A fracture a few pixels wide at 224 px gets n/2 times more pixels.
-    - ``scales=(s1, s2, ...)``: the backbone runs on the whole image at each size and the features are
-      concatenated in that order; ``image_size`` is then the largest scale.
+    The image is resized to ``image_size * (n + 1) / 2`` px and cut into tiles of ``image_size`` px;
+    each goes through the backbone and its global pooling, and the per-tile features are pooled over
+    tiles by mean and by max, concatenated (2 x the backbone's width). A fracture a few pixels wide
+    at 224 px gets n/2 times more pixels.
     """
     if isinstance(tiles, bool) or not isinstance(tiles, (int, np.integer)) or tiles < 1:
         raise ConfigError(f"tiles={tiles!r}: give a whole number >= 1 (tiles per side; 1 = no tiling)")
-    tiles = int(tiles)
+    return int(tiles)
+
+
+def check_scales(spec, scales) -> tuple:
+    """``scales=(s1, s2, ...)``: the whole image at each input size, features concatenated in that order."""
     if scales is None or (not isinstance(scales, (str, bytes)) and len(scales) == 0):
-        scales = ()
-    else:
-        if isinstance(scales, str):
-            scales = [v for v in scales.replace(" ", "").split(",") if v]
-        try:
-            scales = tuple(int(v) for v in scales)
-        except (TypeError, ValueError):
-            raise ConfigError(f"scales={scales!r}: give input sizes, e.g. (224, 448) or '224,448'") from None
-        if len(scales) < 2 or len(set(scales)) != len(scales):
-            raise ConfigError(f"scales={scales!r}: give two or more different input sizes, e.g. (224, 448)")
-        for s in scales:
-            resolve_image_size(spec, s)  # each must suit the backbone
-    if tiles > 1 and scales:
-        raise ConfigError("tiles= and scales= cannot be combined; pick one")
-    if scales:
-        image_size = max(scales)
-    return image_size, tiles, scales
+        return ()
+    if isinstance(scales, str):
+        scales = [v for v in scales.replace(" ", "").split(",") if v]
+    try:
+        scales = tuple(int(v) for v in scales)
+    except (TypeError, ValueError):
+        raise ConfigError(f"scales={scales!r}: give input sizes, e.g. (224, 448) or '224,448'") from None
+    if len(scales) < 2 or len(set(scales)) != len(scales):
+        raise ConfigError(f"scales={scales!r}: give two or more different input sizes, e.g. (224, 448)")
+    for s in scales:
+        resolve_image_size(spec, s)  # each must suit the backbone
+    return scales
 
 
-def validate_layers(spec, pooling: str, layers) -> tuple:
+def check_layers(spec, pooling: str, layers) -> tuple:
     """Check ``layers=``; returns the layer names resolved, in the order given.
 
     Each named intermediate layer's output is globally pooled like the final one (``pooling``) and the
@@ -155,12 +306,40 @@ def check_choice(name: str, value, choices) -> str:
     return v
 
 
-def validate_settings(backbone, image_size, pooling, precision, runtime, truncated):
-    """Check the cheap settings up front (before any file is read or Keras imported)."""
-    spec = backbone_spec(backbone)
-    size = resolve_image_size(spec, image_size)
-    pool = resolve_pooling(pooling)
-    prec = check_choice("precision", precision, PRECISIONS)
-    rt = check_choice("runtime", runtime, RUNTIMES)
-    tr = check_choice("truncated", truncated, TRUNCATED_POLICIES)
-    return spec, size, pool, prec, rt, tr
+def settings_doc(indent: int = 4) -> str:
+    """The settings as numpydoc parameter entries (``name : default ...`` then the help), for docstrings."""
+    pad = " " * indent
+    return "\n".join(f"{pad}{f.name} : default {f.default!r}\n{pad}    {f.metadata['help']}"
+                     for f in ExtractorSettings.options())
+
+
+def resolve_extractor(*args, hardware: Hardware | None = None,
+                      **kwargs) -> tuple[ExtractorConfig, ResolvedWeights | None]:
+    """``resolve_extractor("vgg16", weights, 224, "avg", ...)``: :meth:`ExtractorSettings.resolve` in one call.
+
+    Arguments in :class:`fracfeat.DeepFeatures`' order: ``backbone``, ``weights``, then the other settings
+    in their field order; keywords as their names.
+    """
+    first, *rest = ExtractorSettings.names()
+    order = (first, "weights", *rest)
+    if len(args) > len(order):
+        raise TypeError(f"resolve_extractor takes at most {len(order)} positional arguments ({', '.join(order)})")
+    given = dict(zip(order, args))
+    twice = sorted(set(given) & set(kwargs))
+    if twice:
+        raise TypeError(f"resolve_extractor got {', '.join(twice)} both by position and by name")
+    values = {**given, **kwargs}
+    weights = values.pop("weights", "imagenet")
+    return ExtractorSettings.from_kwargs("resolve_extractor", **values).resolve(weights, hardware=hardware)
+
+
+def signature_with_settings(func) -> inspect.Signature:
+    """``func``'s signature with its ``**settings`` spelled out: one keyword-only parameter per setting.
+
+    So ``help()``, editors and ``inspect`` show every extractor setting of a function that takes them
+    as ``**settings``.
+    """
+    P = inspect.Parameter
+    params = [p for p in inspect.signature(func).parameters.values() if p.kind is not P.VAR_KEYWORD]
+    settings = [P(f.name, P.KEYWORD_ONLY, default=f.default) for f in ExtractorSettings.options()]
+    return inspect.Signature([*params, *settings])

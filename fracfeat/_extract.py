@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import platform
@@ -11,58 +10,56 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
-from ._engine import FeatureEngine, preferred_batch_size, resolve_extractor
+from ._config import ExtractorSettings, settings_doc, signature_with_settings
+from ._engine import FeatureEngine
 from ._errors import ConfigError, ImageError, SourceError
 from ._faults import pause_point
 from ._featureset import FeatureSet, join_features
-from ._images import failure_kind, read_file
+from ._hardware import preferred_batch_size
+from ._images import UnreadableFileError, failure_kind, sha256_of_file
 from ._presets import preset_defaults
+from ._progress import progress_bar
+from ._runtimes import keras_versions
 from ._sources import load_records
-from ._store import FeatureStore, records_sha256, utc_now
+from ._store import FeatureStore, StoreWriter, records_sha256, utc_now
 from ._version import __version__
 
 log = logging.getLogger("fracfeat")
 
-ASSEMBLY_CHUNK = 1024
 
-
-def _hash_one(path: str):
-    import hashlib
-
-    data, error = read_file(path)
-    if error is not None:
-        return None, error
-    return hashlib.sha256(data).hexdigest(), None
+def _sha256_or_reason(path: str) -> tuple[str | None, str | None]:
+    try:
+        return sha256_of_file(path), None
+    except UnreadableFileError as e:
+        return None, e.reason
 
 
 def hash_files(paths, workers: int = 4, progress: bool = False):
     """sha256 of each file's bytes (or the reason it cannot be read), in input order."""
-    from ._progress import progress_bar
-
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fracfeat-hash") as pool:
-        results = pool.map(_hash_one, paths, chunksize=16)
+        results = pool.map(_sha256_or_reason, paths, chunksize=16)
         return list(progress_bar(results, total=len(paths), desc="hashing", unit="img", enabled=progress, leave=False))
 
 
-def _runtime_versions(engine_versions: dict | None, store: FeatureStore, fingerprint: str) -> dict:
+def _runtime_versions(engine_versions: dict | None, writer: StoreWriter, fingerprint: str) -> dict:
     """Versions of the software that made the rows: the engine's when this run computed rows, else the parent's."""
     keys = ("keras_version", "keras_backend", "tensorflow_version", "openvino_version")
     if engine_versions is None:
-        parent = store.latest_with_fingerprint(fingerprint)
+        parent = writer.latest_with_fingerprint(fingerprint)
         if parent:
-            prov = store.provenance(parent)
+            prov = writer.store.provenance(parent)
             return {k: prov.get(k, "") for k in keys}
-        from ._engine import keras_versions
-
         engine_versions = keras_versions()
     return {k: engine_versions.get(k, "") for k in keys}
 
 
-# Extractor settings a part of extract(join=...) may change; the rest (weights, view, store...) is the call's.
-JOIN_SETTINGS = ("backbone", "image_size", "pooling", "tiles", "scales", "layers", "precision", "runtime")
+def join_settings() -> tuple[str, ...]:
+    """Extractor settings a part of extract(join=...) may change; the rest (weights, view, store...) is the call's."""
+    return tuple(f.name for f in ExtractorSettings.options() if f.metadata["per_part"])
 
 
 def join_parts(join) -> list[dict]:
@@ -76,10 +73,10 @@ def join_parts(join) -> list[dict]:
     if len(parts) < 2:
         raise ConfigError(f"join= needs two or more parts (got {len(parts)}); for one, pass its settings directly")
     for n, part in enumerate(parts, 1):
-        unknown = sorted(set(part) - set(JOIN_SETTINGS))
+        unknown = sorted(set(part) - set(join_settings()))
         if unknown:
             raise ConfigError(f"join part {n} sets {', '.join(unknown)}: a part may change only "
-                              f"{', '.join(JOIN_SETTINGS)}; pass the others to the call itself")
+                              f"{', '.join(join_settings())}; pass the others to the call itself")
     for n, part in enumerate(parts, 1):
         if part in parts[:n - 1]:
             raise ConfigError(f"join part {n} repeats part {parts.index(part) + 1} ({part}): it would add the same "
@@ -92,20 +89,10 @@ def extract(
     source,
     *,
     preset=None,
-    backbone: str = "vgg16",
     store="fracfeat-store",
     weights="imagenet",
-    image_size: int | None = None,
-    pooling: str = "avg",
-    tiles: int = 1,
-    scales=None,
-    layers=None,
-    view=None,
     join=None,
     batch_size: int | None = None,
-    precision: str = "auto",
-    runtime: str = "auto",
-    truncated: str = "read",
     strict: bool = False,
     labels=None,
     groups=None,
@@ -116,6 +103,7 @@ def extract(
     lock_timeout: float = 600.0,
     description: str = "",
     progress: bool = True,
+    **settings,
 ) -> FeatureSet:
     """Turn every image of ``source`` into a feature vector and save them as a new store version.
 
@@ -132,47 +120,18 @@ def extract(
     preset : str or Preset, optional
         A named preset (:func:`fracfeat.presets`): its extractor settings fill every one this call does
         not pass (keywords given win), so :func:`fracfeat.fit` with the same preset accepts the features.
-    backbone : {"vgg16", "resnet50", "efficientnetb2"}
     store : str or Path
         Feature store directory; created if missing.
     weights : "imagenet", path, or None
         Keras' ImageNet weights (downloaded and cached by Keras), a Keras weights file of the no-top
         model, or None for seeded random weights (tests).
-    image_size : int, optional
-        Square input size; the backbone's default (224, 224, 260) when None.
-    pooling : {"avg", "max", "none"}
-        Global pooling of the last convolution map; "none" flattens it.
-    tiles : int
-        Keep small detail: ``n`` >= 2 cuts the image, resized to ``image_size * (n + 1) / 2`` px, into
-        n x n tiles of ``image_size`` px overlapping by half, and pools the tiles' features by mean and
-        by max (concatenated: twice the backbone's width). 1 (default) runs the whole image once.
-    scales : sequence of int, optional
-        Multi-scale: run the whole image at each of these input sizes and concatenate the features,
-        e.g. ``(224, 448)``. Cannot be combined with ``tiles``.
-    layers : sequence of str or str, optional
-        Multi-layer: globally pool these intermediate layers of the backbone with ``pooling`` and put
-        them, in this order, before the final features, e.g. ``("block3_pool", "block4_pool")`` for
-        VGG16 (256 + 512 + 512 features), or ``"all"`` for every tap point the backbone offers. Needs
-        ``pooling`` "avg" or "max"; combines with ``tiles`` and ``scales`` (each view gets them all).
-    view : str, optional
-        An augmented view of every image, made after decoding and before resizing: ``"hflip"``,
-        ``"rot+10"``/``"rot-10"`` (degrees, 1-45), ``"cropF"`` (central fraction F of each side, 0.5-0.95,
-        decoded at full detail). Its own store entry (the view is in the fingerprint and provenance);
-        rows keep the original's id, path and group, so :func:`fracfeat.fit` can train on them with
-        ``augment=`` without a view ever crossing a fold.
     join : sequence of dict, optional
         Features of several extractors side by side: each dict changes some of this call's extractor
-        settings (``backbone``, ``image_size``, ``pooling``, ``tiles``, ``scales``, ``layers``,
-        ``precision``, ``runtime``), e.g. ``[dict(layers=("block3_pool", "block4_pool")),
+        settings (any but ``truncated`` and ``view``), e.g. ``[dict(layers=("block3_pool", "block4_pool")),
         dict(image_size=448)]``. Each part is extracted as its own store version (cached like any
         other) and the result is :func:`fracfeat.join_features` of them, in this order.
     batch_size : int, optional
         Images per forward pass; None lets the engine choose (256 on a GPU, 32 on CPUs).
-    precision : {"auto", "float32", "bfloat16", "float16"}
-    runtime : {"auto", "keras", "openvino"}
-        "auto" picks the fastest correct path for the backbone and hardware.
-    truncated : {"read", "reject"}
-        Truncated image files: decode what is there (flagged per row) or report them as failures.
     strict : bool
         Stop at the first unreadable image instead of recording it as a failure.
     labels, groups, splits : sequences, optional
@@ -189,6 +148,9 @@ def extract(
         Free text kept in the version's provenance.
     progress : bool
         Show progress bars.
+    **settings
+        The extractor settings, the fields of :class:`fracfeat.ExtractorSettings`:
+{settings}
 
     Returns
     -------
@@ -197,7 +159,8 @@ def extract(
         Its ``X`` is read from the store version on first access: extracting a 100k-image source
         streams rows to disk and never holds the whole feature matrix unless asked to.
         Its ``provenance`` is the version's, except ``n_computed``, ``n_reused`` and
-        ``compute_seconds``, which describe this call (0 computed when every row came from the cache).
+        ``compute_seconds``, which describe this call (0 computed when every row came from the cache),
+        and ``new_version``: True when this call wrote the version, False when an identical one was there.
 
     Examples
     --------
@@ -206,137 +169,205 @@ def extract(
     >>> fs.X.shape, fs.version                                                    # doctest: +SKIP
     ((4083, 512), 1)
     """
+    chosen = ExtractorSettings.from_kwargs("extract", **settings)
     if join is not None:
-        call = {k: v for k, v in locals().items() if k not in ("source", "preset", "join")}
-        parts = join_parts(join)
-        given = sorted({k for part in parts for k in part if call[k] != _DEFAULTS[k]})
-        if given:
-            raise ConfigError(f"{', '.join(f'{k}={call[k]!r}' for k in given)} is given beside join parts that set "
-                              f"{', '.join(given)}; set it in each part instead")
-        return join_features(*(extract(source, **{**call, **part}) for part in parts))
+        return _extract_joined(source, join, chosen, dict(
+            store=store, weights=weights, batch_size=batch_size, strict=strict, labels=labels,
+            groups=groups, splits=splits, class_map=class_map, checkpoint_every=checkpoint_every, workers=workers,
+            lock_timeout=lock_timeout, description=description, progress=progress))
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ConfigError(f"batch_size={batch_size!r}: give a positive integer")
     if not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every={checkpoint_every!r}: give a positive integer")
     t_start = time.perf_counter()
     records, source_desc = load_records(source, labels=labels, groups=groups, splits=splits, class_map=class_map)
-    config, resolved_weights = resolve_extractor(backbone, weights, image_size, pooling, precision, runtime, truncated,
-                                                 tiles=tiles, scales=scales, layers=layers, view=view)
-    fingerprint = config.fingerprint
+    config, resolved_weights = chosen.resolve(weights)
     feature_store = store if isinstance(store, FeatureStore) else FeatureStore(store, lock_timeout=lock_timeout)
+    return _extract_resolved(records, source_desc, config, resolved_weights, feature_store, batch_size=batch_size,
+                             strict=strict, workers=workers, checkpoint_every=checkpoint_every,
+                             description=description, progress=progress, t_start=t_start)
 
-    paths = [r.path for r in records]
-    hashed = hash_files(paths, progress=progress)
-    failed: dict[int, str] = {}  # record index -> reason
-    for i, (digest, error) in enumerate(hashed):
-        if error is not None:
-            if strict:
-                raise ImageError(f"{paths[i]}: {error} (strict=True; pass strict=False to skip it)")
-            failed[i] = error
-    ids = [h for h, _ in hashed]
 
-    with feature_store.write_lock():
-        # Under the lock: two first writers creating one store at once must not see each other's
-        # half-made layout as a foreign directory, nor delete each other's marker file from tmp/.
-        feature_store.create()
-        feature_store.clean_tmp()
-        index = feature_store.cache_index(fingerprint)
-        # One computation per distinct content, first occurrence in source order.
-        todo: dict[str, int] = {}
-        for i, digest in enumerate(ids):
-            if digest is not None and digest not in index and digest not in todo:
-                todo[digest] = i
-        n_reused = sum(1 for i, d in enumerate(ids) if d is not None and d in index)
-        log.info("%s: %d images, %d cached, %d to compute (%s %spx %s)", source_desc, len(records), n_reused,
-                 len(todo), config.backbone, config.image_size, config.pooling)
+extract.__doc__ = extract.__doc__.replace("{settings}", settings_doc(indent=8))
+extract.__signature__ = signature_with_settings(extract)
 
-        t_compute = time.perf_counter()
-        bad_content: dict[str, str] = {}
-        engine_versions = None
-        if todo:
-            engine_versions = _compute_missing(feature_store, config, resolved_weights, todo, paths, index, bad_content,
-                             batch_size, strict, workers, checkpoint_every, progress)
-        compute_seconds = time.perf_counter() - t_compute
-        for i, digest in enumerate(ids):
-            if digest in bad_content:
-                failed[i] = bad_content[digest]
 
-        keep = [i for i in range(len(records)) if i not in failed]
-        failures = [{"path": paths[i], "id": ids[i] or "", "reason": failed[i]} for i in sorted(failed)]
-        if failures:
-            reasons = Counter(failure_kind(f["reason"]) for f in failures)
-            log.warning("%d of %d images could not be used: %s", len(failures), len(records),
-                        "; ".join(f"{n} x {r}" for r, n in reasons.most_common()))
-        if not keep:
-            raise SourceError(f"none of the {len(records)} images of {source_desc} could be read; first failure: "
-                              f"{failures[0]['path']}: {failures[0]['reason']}")
+def _extract_joined(source, join, settings: ExtractorSettings, call: dict) -> FeatureSet:
+    """extract(join=...): each part's settings over the call's, extracted in turn, joined."""
+    parts = join_parts(join)
+    given = settings.given()
+    clash = sorted({k for part in parts for k in part if k in given})
+    if clash:
+        raise ConfigError(f"{', '.join(f'{k}={given[k]!r}' for k in clash)} is given beside join parts that set "
+                          f"{', '.join(clash)}; set it in each part instead")
+    return join_features(*(extract(source, **call, **vars(settings.replace(**part))) for part in parts))
 
-        table = {
-            "ids": [ids[i] for i in keep],
-            "paths": [os.path.abspath(paths[i]) for i in keep],
-            "labels": [records[i].label for i in keep],
-            "class_names": [records[i].class_name for i in keep],
-            "splits": [records[i].split for i in keep],
-            "groups": [records[i].group for i in keep],
-        }
-        table["truncated"] = [int(index[ids[i]][2]) for i in keep]
-        content = records_sha256(table["ids"], table["paths"], table["labels"], table["class_names"],
-                                 table["splits"], table["groups"])
-        failure_key = records_sha256([f["path"] for f in failures], [f["reason"] for f in failures], *[[""] * len(failures)] * 4)
-        content = records_sha256([content], [failure_key], [0], [""], [""], [""])
-        # What this call did; an identical existing version keeps its own counts on disk.
-        run_counts = {
-            "n_computed": len(todo) - len(bad_content),
-            "n_reused": n_reused,
-            "compute_seconds": round(compute_seconds, 3),
-        }
-        existing = feature_store.find_identical(fingerprint, content)
-        if existing is not None:
-            log.info("nothing changed: store version v%d already holds these %d images", existing, len(keep))
-            feature_store.remove_checkpoints(fingerprint, set(table["ids"]))
-            fs = feature_store.open(existing, lazy=True)
-            fs.provenance.update(run_counts)
-            return fs
 
-        provenance = {
-            "fracfeat_version": __version__,
-            "created": utc_now(),
-            "source": source_desc,
-            "description": description,
-            **config.as_dict(),
-            "weights_kind": resolved_weights.kind,
-            "weights_path": resolved_weights.path or "",
-            "fingerprint": fingerprint,
-            **_runtime_versions(engine_versions, feature_store, fingerprint),
-            "python_version": platform.python_version(),
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "n_records": len(records),
-            "n_images": len(keep),
-            "n_failed": len(failures),
-            **run_counts,
-        }
-        n = _write_version(feature_store, fingerprint, table, failures, provenance, content, index)
-        pause_point("committed")
-        feature_store.remove_checkpoints(fingerprint, set(table["ids"]))
+def _extract_resolved(records, source_desc, config, resolved_weights, feature_store: FeatureStore, *, batch_size,
+                      strict, workers, checkpoint_every, description, progress, t_start) -> FeatureSet:
+    """extract() once its records and extractor are known: hashes -> plan -> compute -> commit.
+
+    The writer lock is held from the plan to the commit, so the cache the plan reads stays true.
+    """
+    ids, failed = _content_hashes(records, strict, progress)
+    with feature_store.writer() as writer:
+        plan = _plan(writer, records, source_desc, config, ids, failed)
+        engine_versions, run_counts = _compute(writer, plan, config, resolved_weights, batch_size=batch_size,
+                                               strict=strict, workers=workers, checkpoint_every=checkpoint_every,
+                                               progress=progress)
+        n, existed = _commit(writer, plan, config, resolved_weights, engine_versions, run_counts, description)
     fs = feature_store.open(n, lazy=True)
+    fs.provenance["new_version"] = not existed  # what this call did, like the counts below: not on disk
+    if existed:
+        fs.provenance.update(run_counts)  # what this call did; the existing version keeps its own counts on disk
+        return fs
     log.info("store %s: wrote v%d (%d images x %d features) in %.1fs", feature_store.root, n, len(fs),
              fs.n_features, time.perf_counter() - t_start)
     return fs
 
 
-# extract's own defaults: a setting that differs from them was given (by the caller or a preset).
-_DEFAULTS = {name: p.default for name, p in inspect.signature(extract).parameters.items()}
+@dataclass
+class _Plan:
+    """What one extract call works on, decided under the writer lock. Rows are keyed by content hash."""
+
+    records: list
+    source_desc: str
+    paths: list  # each record's path
+    ids: list  # each record's sha256; None where the file cannot be read
+    failed: dict  # record index -> why it cannot be used (hashing, then computing adds to it)
+    index: dict  # id -> (file, row, truncated): every row held under the fingerprint (computing adds to it)
+    todo: dict  # id -> its first record's index: the rows to compute, once per distinct content
+    n_reused: int
 
 
-def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_content,
+def _content_hashes(records, strict: bool, progress: bool) -> tuple[list, dict[int, str]]:
+    """Each record's sha256 (None where unreadable), and record index -> reason for the unreadable ones."""
+    paths = [r.path for r in records]
+    hashed = hash_files(paths, progress=progress)
+    failed: dict[int, str] = {}
+    for i, (digest, error) in enumerate(hashed):
+        if error is not None:
+            if strict:
+                raise ImageError(f"{paths[i]}: {error} (strict=True; pass strict=False to skip it)")
+            failed[i] = error
+    return [h for h, _ in hashed], failed
+
+
+def _plan(writer: StoreWriter, records, source_desc: str, config, ids, failed) -> _Plan:
+    """Look every id up in the store's cache; what no cache file holds is to compute."""
+    index = writer.store.cache_index(config.fingerprint)
+    # One computation per distinct content, first occurrence in source order.
+    todo: dict[str, int] = {}
+    for i, digest in enumerate(ids):
+        if digest is not None and digest not in index and digest not in todo:
+            todo[digest] = i
+    n_reused = sum(1 for d in ids if d is not None and d in index)
+    log.info("%s: %d images, %d cached, %d to compute (%s %spx %s)", source_desc, len(records), n_reused,
+             len(todo), config.backbone, config.image_size, config.pooling)
+    return _Plan(records, source_desc, [r.path for r in records], ids, failed, index, todo, n_reused)
+
+
+def _compute(writer: StoreWriter, plan: _Plan, config, resolved_weights, *, batch_size, strict, workers,
+             checkpoint_every, progress) -> tuple[dict | None, dict]:
+    """Compute the plan's misses into checkpoints; images that fail to decode join ``plan.failed``.
+
+    Returns the engine's software versions (None when nothing was computed) and this call's counts.
+    """
+    t_compute = time.perf_counter()
+    bad_content: dict[str, str] = {}
+    engine_versions = None
+    if plan.todo:
+        engine_versions = _compute_missing(writer, config, resolved_weights, plan.todo, plan.paths, plan.index,
+                                           bad_content, batch_size, strict, workers, checkpoint_every, progress)
+    compute_seconds = time.perf_counter() - t_compute
+    for i, digest in enumerate(plan.ids):
+        if digest in bad_content:
+            plan.failed[i] = bad_content[digest]
+    run_counts = {
+        "n_computed": len(plan.todo) - len(bad_content),
+        "n_reused": plan.n_reused,
+        "compute_seconds": round(compute_seconds, 3),
+    }
+    return engine_versions, run_counts
+
+
+def _commit(writer: StoreWriter, plan: _Plan, config, resolved_weights, engine_versions, run_counts: dict,
+            description: str) -> tuple[int, bool]:
+    """Write the plan's rows as a new version, unless one holds them already.
+
+    Returns the version's number and whether it existed before this call.
+    """
+    fingerprint = config.fingerprint
+    table, failures = _version_rows(plan)
+    content = _content_sha256(table, failures)
+    existing = writer.find_identical(fingerprint, content)
+    if existing is not None:
+        log.info("nothing changed: store version v%d already holds these %d images", existing, len(table["ids"]))
+        writer.remove_checkpoints(fingerprint, set(table["ids"]))
+        return existing, True
+    provenance = {
+        "fracfeat_version": __version__,
+        "created": utc_now(),
+        "source": plan.source_desc,
+        "description": description,
+        **config.as_dict(),
+        "weights_kind": resolved_weights.kind,
+        "weights_path": resolved_weights.path or "",
+        "fingerprint": fingerprint,
+        **_runtime_versions(engine_versions, writer, fingerprint),
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "n_records": len(plan.records),
+        "n_images": len(table["ids"]),
+        "n_failed": len(failures),
+        **run_counts,
+    }
+    n = writer.write_version(fingerprint, table, failures, provenance, content, plan.index)
+    pause_point("committed")
+    writer.remove_checkpoints(fingerprint, set(table["ids"]))
+    return n, False
+
+
+def _version_rows(plan: _Plan) -> tuple[dict, list[dict]]:
+    """The row table of the records that can be used, in source order, and the failures of the others."""
+    records, paths, ids, failed, index = plan.records, plan.paths, plan.ids, plan.failed, plan.index
+    keep = [i for i in range(len(records)) if i not in failed]
+    failures = [{"path": paths[i], "id": ids[i] or "", "reason": failed[i]} for i in sorted(failed)]
+    if failures:
+        reasons = Counter(failure_kind(f["reason"]) for f in failures)
+        log.warning("%d of %d images could not be used: %s", len(failures), len(records),
+                    "; ".join(f"{n} x {r}" for r, n in reasons.most_common()))
+    if not keep:
+        raise SourceError(f"none of the {len(records)} images of {plan.source_desc} could be read; first failure: "
+                          f"{failures[0]['path']}: {failures[0]['reason']}")
+    table = {
+        "ids": [ids[i] for i in keep],
+        "paths": [os.path.abspath(paths[i]) for i in keep],
+        "labels": [records[i].label for i in keep],
+        "class_names": [records[i].class_name for i in keep],
+        "splits": [records[i].split for i in keep],
+        "groups": [records[i].group for i in keep],
+        "truncated": [int(index[ids[i]][2]) for i in keep],
+    }
+    return table, failures
+
+
+def _content_sha256(table: dict, failures: list[dict]) -> str:
+    """The version's ``content_sha256``: its row table and its failures (equal: an identical version)."""
+    content = records_sha256(table["ids"], table["paths"], table["labels"], table["class_names"],
+                             table["splits"], table["groups"])
+    failure_key = records_sha256([f["path"] for f in failures], [f["reason"] for f in failures],
+                                 *[[""] * len(failures)] * 4)
+    return records_sha256([content], [failure_key], [0], [""], [""], [""])
+
+
+def _compute_missing(writer: StoreWriter, config, resolved_weights, todo, paths, index, bad_content,
                      batch_size, strict, workers, checkpoint_every, progress) -> dict:
     """Run the engine on the cache misses, checkpointing rows into the store as they come.
 
     Returns the versions of the software that computed them (:meth:`FeatureEngine.versions`).
     """
-    from ._progress import progress_bar
-
     engine = FeatureEngine(config, resolved_weights)
     batch_size = batch_size or preferred_batch_size(config)
     miss_ids = list(todo)
@@ -354,7 +385,7 @@ def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_co
             return
         rows = np.concatenate(pending_rows)
         flags = [d in truncated_ids for d in pending_ids]
-        p = store.write_checkpoint(config.fingerprint, run_id, seq, pending_ids, rows, flags)
+        p = writer.write_checkpoint(config.fingerprint, run_id, seq, pending_ids, rows, flags)
         for r, (d, t) in enumerate(zip(pending_ids, flags)):
             index[d] = (p, r, t)
         seq += 1
@@ -380,36 +411,3 @@ def _compute_missing(store, config, resolved_weights, todo, paths, index, bad_co
     finally:
         bar.close()
     return engine.versions()
-
-
-def _write_version(store, fingerprint, table, failures, provenance, content, index) -> int:
-    """Stream rows from the cache into a new version file and commit it atomically."""
-    import json
-
-    locations = [index[d] for d in table["ids"]]
-    first = store.gather(locations[:1])
-    n_features = first.shape[1]
-    writer = store.begin_version(len(locations), n_features)
-    try:
-        for start in range(0, len(locations), ASSEMBLY_CHUNK):
-            rows = store.gather(locations[start:start + ASSEMBLY_CHUNK])
-            if rows.shape[1] != n_features:
-                raise ConfigError(f"cached rows disagree on feature width ({rows.shape[1]} vs {n_features}); "
-                                  f"the store at {store.root} is damaged: run verify")
-            writer.write(start, rows)
-        provenance["n_features"] = int(n_features)
-        attrs = {
-            "provenance": json.dumps(provenance, sort_keys=True, default=str),
-            "fingerprint": fingerprint,
-            "content_sha256": content,
-            "created": provenance["created"],
-            "source": provenance["source"],
-        }
-        for k in ("backbone", "image_size", "pooling", "preprocessing", "weights", "precision", "runtime",
-                  "fracfeat_version", "keras_version", "keras_backend"):
-            attrs[k] = provenance[k]
-        writer.finish(table, failures, attrs)
-        return store.commit(writer, fingerprint)
-    except BaseException:
-        writer.abort()
-        raise

@@ -7,10 +7,45 @@ from typing import Any
 
 import numpy as np
 
+from ._config import ExtractorConfig
 from ._errors import ConfigError
+from ._images import failure_kind
 from ._sources import UNLABELED
 
 DEFAULT_CLASSES = ("not_fractured", "fractured")
+
+
+@dataclass(frozen=True)
+class FeaturePart:
+    """One extractor's columns of a feature set: how they were made and the store version that holds them.
+
+    A plain feature set has one part (itself); joined features (:func:`join_features`) one per extractor,
+    in column order.
+    """
+
+    provenance: dict
+    store: str | None
+    version: int | None
+    n_features: int
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.provenance.get("fingerprint")
+
+    @property
+    def has_extractor(self) -> bool:
+        """True when the provenance says how the features were made (a store version's)."""
+        return bool(self.provenance.get("backbone"))
+
+    @property
+    def config(self) -> ExtractorConfig:
+        """The exact extractor (ConfigError when the provenance is not a store version's)."""
+        return ExtractorConfig.from_provenance(self.provenance)
+
+    def describe(self) -> str:
+        """``vgg16 224px avg``."""
+        p = self.provenance
+        return f"{p.get('backbone')} {p.get('image_size')}px {p.get('pooling')}"
 
 
 @dataclass
@@ -63,7 +98,7 @@ class FeatureSet:
         n_pos = int((self.y == 1).sum()) if self.y is not None else None
         lab = f", {n_pos} fractured" if n_pos is not None else ", unlabeled"
         made = (f"backbone={self.provenance.get('backbone')!r}, version={self.version}"
-                if not self.provenance.get("parts") else f"joined versions {self.version_label}")
+                if not self.is_joined else f"joined versions {self.version_label}")
         return (f"FeatureSet({len(self)} images x {self.n_features} features{lab}, {made}, "
                 f"failures={len(self.failures)})")
 
@@ -76,14 +111,31 @@ class FeatureSet:
     @property
     def version_label(self) -> str | None:
         """The store version as text: ``"3"``, or ``"1+2"`` for joined features (their parts' versions)."""
-        parts = self.provenance.get("parts")
-        if parts:
-            return "+".join(str(p.get("version")) for p in parts)
+        if self.is_joined:
+            return "+".join(str(p.version) for p in self.parts)
         return None if self.version is None else str(self.version)
 
     @property
+    def parts(self) -> tuple[FeaturePart, ...]:
+        """The extractors whose features these are, in column order: one, or one per part of joined features."""
+        joined = self.provenance.get("parts")
+        if joined:
+            return tuple(FeaturePart(p, p.get("store"), p.get("version"), int(p.get("n_features", 0))) for p in joined)
+        return (FeaturePart(self.provenance, self.store, self.version, self.n_features),)
+
+    @property
+    def is_joined(self) -> bool:
+        return bool(self.provenance.get("parts"))
+
+    @property
     def fingerprint(self) -> str | None:
+        """The extractor fingerprint; for joined features the parts' joined by ``+`` (see :attr:`fingerprints`)."""
         return self.provenance.get("fingerprint")
+
+    @property
+    def fingerprints(self) -> tuple:
+        """Each part's fingerprint."""
+        return tuple(p.fingerprint for p in self.parts)
 
     @property
     def has_groups(self) -> bool:
@@ -102,7 +154,6 @@ class FeatureSet:
         """
         from collections import Counter
 
-        from ._images import failure_kind
 
         return dict(Counter(failure_kind(f["reason"]) for f in self.failures).most_common())
 
@@ -199,7 +250,7 @@ def join_features(*sets: FeatureSet) -> FeatureSet:
     first = sets[0]
     parts, blocks = [], []
     for n, part in enumerate(sets, 1):
-        if part.provenance.get("parts"):
+        if part.is_joined:
             raise ConfigError(f"feature set {n} is already joined: pass its parts to join_features instead")
         rows, missing = part.rows_of(first.ids)
         if missing:

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._classifiers import SearchContext, check_classifier, suggest_steps
+from ._deps import require
 from ._errors import ConfigError
 from ._featureset import FeatureSet
 from ._metrics import ranking_alarm
+from ._model_io import save_model
 from ._presets import check_features, preset_defaults
+from ._progress import TrialProgress
+from ._store import FeatureStore
 
 log = logging.getLogger("fracfeat")
-
-THRESHOLD_GOALS = ("balanced_accuracy", "sensitivity")
 
 
 @dataclass
@@ -33,7 +35,7 @@ class FitResult:
     ----------
     pipeline : sklearn.pipeline.Pipeline
         Fitted: ``features`` (DeepFeatures, image paths in) -> ``scale`` -> ``reduce`` -> ``classifier``.
-        ``pipeline[1:]`` takes feature arrays. Save it with ``joblib.dump``.
+        ``pipeline[1:]`` takes feature arrays. Save it with :meth:`save` (or :func:`fracfeat.save_model`).
     study : optuna.Study
     best_params : dict
         The best trial's parameters (names prefixed by family, e.g. ``logreg_C``).
@@ -92,17 +94,12 @@ class FitResult:
                 f"{', ' + held if held else ''}, trials={self.trials}, version={self.version})")
 
     def save(self, path) -> str:
-        """``joblib.dump`` the pipeline to ``path``; returns the path."""
-        import joblib
-
-        joblib.dump(self.pipeline, path)
-        return str(path)
+        """Save the pipeline to ``path`` atomically (:func:`fracfeat.save_model`); returns the path."""
+        return save_model(self.pipeline, path)
 
 
 def as_feature_set(features, version="latest") -> FeatureSet:
     """A FeatureSet from a FeatureSet, a FeatureStore, or a store directory."""
-    from ._store import FeatureStore
-
     if isinstance(features, FeatureSet):
         return features
     if isinstance(features, FeatureStore):
@@ -209,7 +206,7 @@ def _quiet_convergence():
 
 
 @contextlib.contextmanager
-def _quiet_optuna():
+def quiet_optuna():
     import optuna
 
     before = optuna.logging.get_verbosity()
@@ -343,8 +340,6 @@ def fit(
     >>> result = fit(fs, classifier="auto", n_trials=50)              # doctest: +SKIP
     >>> result.pipeline.predict_proba(["new_radiograph.jpg"])         # doctest: +SKIP
     """
-    from ._deps import require
-
     optuna = require("optuna", why="fit")
     from sklearn.base import clone
     from sklearn.pipeline import Pipeline
@@ -353,15 +348,8 @@ def fit(
     classifier, scorer = check_tuning(classifier, n_trials, cv, scoring, threshold)
     fs = as_feature_set(features, version)
     if preset is not None:
-        check_features(preset, fs.provenance)
-    data = fs.labeled()
-    if data.y is None or len(np.unique(data.y)) < 2:
-        raise ConfigError(f"fit needs labeled images of both classes; {fs!r} has "
-                          f"{'none labeled' if data.y is None or not len(data) else 'one class only'}")
-    held_out = {}
-    if "train" in data.split_names:
-        held_out = {s: data.split(s) for s in ("val", "test") if s in data.split_names}
-        data = data.split("train")
+        check_features(preset, fs)
+    data, held_out = _tuning_rows(fs)
     folds, grouped = make_folds(data, cv, seed)
     X, y = np.asarray(data.X, dtype=np.float32), np.asarray(data.y)
     views = augmented_rows(data, fs, augment)
@@ -398,13 +386,11 @@ def fit(
         trial.set_user_attr("family", family)
         return float(np.mean(scores))
 
-    with _quiet_optuna():
+    with quiet_optuna():
         study = _make_study(study, storage, study_name, sampler, pruner, seed, tag)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
         if remaining > 0:
-            from ._progress import TrialProgress
-
             with TrialProgress(remaining, scoring=str(scoring), enabled=progress, timeout=timeout) as bar:
                 study.optimize(objective, n_trials=remaining, timeout=timeout, n_jobs=n_jobs,
                                callbacks=[*(callbacks or ()), bar])
@@ -413,19 +399,7 @@ def fit(
         raise ConfigError(f"no trial of study {study.study_name!r} completed (timeout={timeout}); "
                           f"give more time or trials")
     best = study.best_trial
-    family, steps = suggest_steps(optuna.trial.FixedTrial(best.params), classifier,
-                                  SearchContext(**{**ctx.__dict__, "final": True}))
-    head = Pipeline(steps)
-
-    chosen = None
-    if threshold is not None:
-        chosen = _threshold_from_folds(head, X, y, folds, threshold, training)
-        from sklearn.model_selection import FixedThresholdClassifier
-
-        name, clf = head.steps[-1]
-        head.steps[-1] = (name, FixedThresholdClassifier(clf, threshold=chosen, response_method="predict_proba"))
-    with _quiet_convergence():
-        head.fit(*training(np.arange(len(y))))
+    family, head, chosen = _final_head(best.params, classifier, ctx, threshold, X, y, folds, training)
 
     scores = {"cv": float(best.value)}
     for split, hs in held_out.items():
@@ -446,6 +420,42 @@ def fit(
     )
     log.info("%r", result)
     return result
+
+
+def _tuning_rows(fs: FeatureSet) -> tuple[FeatureSet, dict]:
+    """(the labeled rows to tune on, {split: rows} held out): a source's train split when it has one."""
+    data = fs.labeled()
+    if data.y is None or len(np.unique(data.y)) < 2:
+        raise ConfigError(f"fit needs labeled images of both classes; {fs!r} has "
+                          f"{'none labeled' if data.y is None or not len(data) else 'one class only'}")
+    held_out = {}
+    if "train" in data.split_names:
+        held_out = {s: data.split(s) for s in ("val", "test") if s in data.split_names}
+        data = data.split("train")
+    return data, held_out
+
+
+def _final_head(params: dict, classifier: str, ctx: SearchContext, threshold, X, y, folds, training):
+    """(family, the best trial's model fitted on every training row, its decision threshold or None).
+
+    The threshold is chosen on the out-of-fold probabilities of the training folds, then kept by a
+    FixedThresholdClassifier around the classifier.
+    """
+    import optuna
+    from sklearn.model_selection import FixedThresholdClassifier
+    from sklearn.pipeline import Pipeline
+
+    final = SearchContext(**{**ctx.__dict__, "final": True})
+    family, steps = suggest_steps(optuna.trial.FixedTrial(params), classifier, final)
+    head = Pipeline(steps)
+    chosen = None
+    if threshold is not None:
+        chosen = _threshold_from_folds(head, X, y, folds, threshold, training)
+        name, clf = head.steps[-1]
+        head.steps[-1] = (name, FixedThresholdClassifier(clf, threshold=chosen, response_method="predict_proba"))
+    with _quiet_convergence():
+        head.fit(*training(np.arange(len(y))))
+    return family, head, chosen
 
 
 def _ranking_alarms(scoring, scores: dict, y: np.ndarray, held_out: dict) -> list[str]:
@@ -470,21 +480,19 @@ def augmented_rows(data: FeatureSet, fs: FeatureSet, augment) -> list[tuple[str,
     A view set must come from the same extractor as ``fs`` except its ``view``, and hold every row
     of ``data`` (matched by image id); anything else is a ConfigError that says what to extract.
     """
-    from ._store import FeatureStore
-
     if augment is None or isinstance(augment, (FeatureSet, FeatureStore, str, bytes)) or hasattr(augment, "__fspath__"):
         augment = () if augment is None else (augment,)
     if not augment:
         return []
     try:
-        base, base_view = _settings_and_view(fs.provenance)
+        base, base_view = _settings_and_view(fs)
     except ConfigError as e:
         raise ConfigError(f"augment= needs features from a store version (their provenance says how they were "
                           f"made): {e}") from None
     out, seen = [], set()
     for item in augment:
         vs = as_feature_set(item)
-        other, name = _settings_and_view(vs.provenance)
+        other, name = _settings_and_view(vs)
         if not name or name == base_view:
             raise ConfigError(f"augment: {vs!r} holds the images themselves, not an augmented view; extract one "
                               f"with view='hflip' (or 'rot+10', 'crop0.8') and pass that")
@@ -507,15 +515,13 @@ def augmented_rows(data: FeatureSet, fs: FeatureSet, augment) -> list[tuple[str,
     return out
 
 
-def _settings_and_view(provenance: dict) -> tuple[list[dict], str]:
-    """(each part's extractor settings but its view, the view) from a feature set's provenance.
+def _settings_and_view(fs: FeatureSet) -> tuple[list[dict], str]:
+    """(each part's extractor settings but its view, the view) of a feature set.
 
     One part for a store version's features, one per part for joined ones (the view of all parts;
     "mixed" when they differ, which no extract call makes).
     """
-    from ._engine import config_from_provenance
-
-    configs = [config_from_provenance(p) for p in provenance.get("parts") or [provenance]]
+    configs = [part.config for part in fs.parts]
     settings = [{k: v for k, v in c.as_dict().items() if k != "view"} for c in configs]
     views = {c.view for c in configs}
     return settings, views.pop() if len(views) == 1 else "mixed"
@@ -542,20 +548,16 @@ def _threshold_from_folds(head, X, y, folds, goal, training) -> float:
 
 
 def _with_feature_step(head, fs: FeatureSet, weights):
-    """[DeepFeatures] + head, when the features come from a store version (they say how they were made);
-    [JoinedFeatures] + head for joined features (each part from its own store version)."""
+    """[the image-reading feature step] + head, when the features say how they were made (store versions)."""
     from sklearn.pipeline import Pipeline
 
-    from ._transformer import DeepFeatures, JoinedFeatures
+    from ._transformer import feature_step
 
-    parts = fs.provenance.get("parts") or [fs.provenance]
-    if not all(p.get("backbone") for p in parts):
+    if not all(part.has_extractor for part in fs.parts):
         warnings.warn("the feature set carries no extractor provenance: the Pipeline takes feature arrays, "
                       "not image paths", stacklevel=3)
         return head
-    extractors = [DeepFeatures.from_provenance(p, weights=weights) for p in parts]
-    deep = extractors[0] if len(extractors) == 1 else JoinedFeatures(
-        [(f"part{i}", d) for i, d in enumerate(extractors, 1)])
-    deep.trained_on_ = {"store": fs.store, "version": fs.version if len(extractors) == 1 else fs.version_label,
-                        "fingerprint": fs.fingerprint}
+    deep = feature_step(fs.parts, weights)
+    deep.trained_on_ = {"store": fs.store, "version": fs.version_label if fs.is_joined else fs.version,
+                        "fingerprint": fs.fingerprint, "classes": list(fs.classes)}
     return Pipeline([("features", deep), *head.steps])

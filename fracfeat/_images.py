@@ -83,11 +83,6 @@ _truncated_flag_lock = _SharedExclusiveLock()
 
 # Every failure reason reads "<kind>: <details and fix>"; the kinds are few and stable, so a summary
 # can count failures per kind (FeatureSet.failure_summary) while the details name the exact problem.
-FAILURE_KINDS = ("empty file", "not an image", "too large", "truncated image", "cannot decode",
-                 "file not found", "permission denied", "not a regular file", "cannot read",
-                 "changed while extracting")
-
-
 def failure(kind: str, details: str) -> str:
     return f"{kind}: {details}"
 
@@ -106,12 +101,23 @@ class DecodedImage:
     truncated: bool = False
 
 
-def sha256_of_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+class UnreadableFileError(OSError):
+    """A file :func:`sha256_of_file` cannot read; ``reason`` says why, as :func:`read_file` words it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+def sha256_of_file(path: str) -> str:
+    """sha256 (hex) of the file's bytes, read by :func:`read_file` (a FIFO fails instead of blocking).
+
+    Raises :class:`UnreadableFileError`, an OSError, when the file cannot be read.
+    """
+    data, error = read_file(path)
+    if error is not None:
+        raise UnreadableFileError(path, error)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _to_rgb(img):

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._errors import ConfigError, SourceError
-from ._featureset import FeatureSet
+from ._featureset import FeatureSet, classes_from_rows
+from ._model_io import load_model, pipeline_of  # noqa: F401  (load_model: re-exported, its old home)
+from ._sources import UNLABELED, load_records
+from ._store import FeatureStore
 
 log = logging.getLogger("fracfeat")
 
@@ -21,81 +24,14 @@ METRIC_KEYS = (
 )
 
 
-def load_model(path):
-    """Load a model saved with ``joblib.dump`` (by :func:`fit`'s result, ``fracfeat fit`` or ``fracfeat run``).
-
-    Parameters
-    ----------
-    path : str or Path
-        The ``.joblib`` file.
-
-    Returns
-    -------
-    sklearn.pipeline.Pipeline
-
-    Raises
-    ------
-    fracfeat.ModelError
-        The file is missing, is not a joblib file, or holds no classifier with ``predict_proba``.
-    """
-    import joblib
-
-    from ._errors import ModelError
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelError(f"model file {path!r} not found: give the .joblib file that `fracfeat fit --out` "
-                         f"or `fracfeat run` wrote")
-    try:
-        model = joblib.load(path)
-    except Exception as e:  # pickle raises many types on foreign or damaged files
-        raise ModelError(f"{path!r} cannot be loaded as a saved model ({type(e).__name__}: {e}); "
-                         f"give a .joblib file written by fracfeat") from None
-    model = getattr(model, "pipeline", model)  # a pickled FitResult
-    if not hasattr(model, "predict_proba"):
-        raise ModelError(f"{path!r} holds a {type(model).__name__}, not a classifier with predict_proba; "
-                         f"give a .joblib file written by fracfeat")
-    _check_libsvm_probabilities(model, path)
-    return model
+def _short(fingerprints) -> str:
+    """Each part's fingerprint, its first 12 characters, joined by ``+``."""
+    return "+".join(f[:12] for f in fingerprints)
 
 
-def _check_libsvm_probabilities(model, path: str) -> None:
-    """Warn about an SVM saved by fracfeat 0.1 (``SVC(probability=True)``), and say when its
-    probabilities are inverted: libsvm's internal Platt scaling can fit its sigmoid with the wrong sign.
-
-    Exact and cheap: on the SVM's own support vectors, P(fractured) must rise with the decision function.
-    """
-    from sklearn.svm import SVC
-
-    clf = model.steps[-1][1] if hasattr(model, "steps") else model
-    while not isinstance(clf, SVC) and hasattr(clf, "estimator_"):  # inside FixedThresholdClassifier
-        clf = clf.estimator_
-    # True only in 0.1's SVMs; scikit-learn 1.9 defaults it to "deprecated".
-    if not isinstance(clf, SVC) or getattr(clf, "probability", None) is not True:
-        return
-    sv = clf.support_vectors_
-    inverted = np.corrcoef(clf.decision_function(sv), clf.predict_proba(sv)[:, 1])[0, 1] < 0
-    log.warning("%s", f"{path}: an SVM saved by fracfeat 0.1, whose probabilities come from libsvm's internal Platt "
-                      f"scaling" + (": they are INVERTED (P(fractured) falls as the SVM's decision value rises), "
-                                    "and so are its threshold and every metric built on them." if inverted else
-                                    ", which can come out inverted on small training sets.")
-                + " Fit it again with this version (fracfeat fit / fracfeat run) to get calibrated probabilities.")
-
-
-def _pipeline_of(model):
-    if isinstance(model, (str, os.PathLike)):
-        return load_model(model)
-    return getattr(model, "pipeline", model)  # a FitResult or the Pipeline itself
-
-
-def _short(fingerprint: str) -> str:
-    """A fingerprint's first 12 characters (of each part's, for joined features)."""
-    return "+".join(f[:12] for f in fingerprint.split("+"))
-
-
-def _split_feature_step(model):
+def split_feature_step(model):
     """(the image-reading step, DeepFeatures or JoinedFeatures, or None; the part that takes feature arrays)."""
-    from ._transformer import DeepFeatures, JoinedFeatures
+    from ._transformer import DeepFeatures, JoinedFeatures  # loads scikit-learn: not at `import fracfeat`
 
     steps = getattr(model, "steps", None)
     if steps and isinstance(steps[0][1], (DeepFeatures, JoinedFeatures)):
@@ -166,10 +102,8 @@ class Predictions:
 
 def predict_rows(model, features_or_source, *, version="latest") -> Predictions:
     """The model's prediction for every labeled image of ``features_or_source`` (see :func:`evaluate`)."""
-    from ._store import FeatureStore
-
-    pipeline = _pipeline_of(model)
-    deep, head = _split_feature_step(pipeline)
+    pipeline = pipeline_of(model)
+    deep, head = split_feature_step(pipeline)
     data = features_or_source
     if isinstance(data, FeatureStore) or (isinstance(data, (str, os.PathLike)) and FeatureStore(data).exists()):
         store = data if isinstance(data, FeatureStore) else FeatureStore(data)
@@ -180,23 +114,21 @@ def predict_rows(model, features_or_source, *, version="latest") -> Predictions:
         if rows.y is None or not len(rows):
             raise ConfigError(f"{data!r} has no labeled rows to evaluate on")
         if deep is not None and rows.fingerprint and rows.fingerprint != deep.fingerprint_:
-            from ._transformer import describe_extractor
+            from ._transformer import describe_extractor, feature_parts
 
-            made = " + ".join(f"{p.get('backbone')} {p.get('image_size')}px {p.get('pooling')}"
-                              for p in rows.provenance.get("parts") or [rows.provenance])
+            made = " + ".join(part.describe() for part in rows.parts)
             raise ConfigError(
-                f"the feature set was made by another extractor (fingerprint {_short(rows.fingerprint)}, {made}) "
-                f"than the model's ({_short(deep.fingerprint_)}, {describe_extractor(deep)}): evaluate on the images "
-                f"(a folder or CSV) instead, or on store features made with the model's settings")
+                f"the feature set was made by another extractor (fingerprint {_short(rows.fingerprints)}, {made}) "
+                f"than the model's ({_short(d.fingerprint_ for d in feature_parts(deep))}, "
+                f"{describe_extractor(deep)}): "
+                f"evaluate on the images (a folder or CSV) instead, or on store features made with the model's "
+                f"settings")
         pred, score = _scores(head, rows.X)
         y, splits, failed_splits = rows.y, rows.splits, np.array([], dtype=str)
         classes, paths = rows.classes, rows.paths
     else:
         if deep is None:
             raise ConfigError("this model takes feature arrays: pass a FeatureSet or store, not images")
-        from ._featureset import classes_from_rows
-        from ._sources import UNLABELED, load_records
-
         records, desc = load_records(data)
         records = [r for r in records if r.label != UNLABELED]
         if not records:

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from ._config import ExtractorSettings
 from ._errors import ConfigError
 
 log = logging.getLogger("fracfeat")
@@ -172,32 +173,31 @@ def preset_defaults(*sections: str):
     return decorate
 
 
-def check_features(preset, provenance: dict) -> None:
+def check_features(preset, fs) -> None:
     """Refuse features not extracted with the preset's extractor settings, naming the ones that differ.
 
     Tuning on other features would quietly give a model the preset's figures say nothing about.
     """
-    from ._engine import config_from_provenance, resolve_extractor
-
     chosen = get_preset(preset)
     fix = (f"extract matching features with `fracfeat extract SOURCE --store DIR --weights WEIGHTS --preset "
            f"{chosen.name}` (Python: extract(source, preset={chosen.name!r})), or fit without a preset")
-    if not all(p.get("backbone") for p in provenance.get("parts") or [provenance]):
+    if not all(part.has_extractor for part in fs.parts):
         raise ConfigError(f"preset {chosen.name!r} needs features that record how they were extracted (a store "
                           f"version); these carry no extractor provenance: {fix}")
     # Resolve the preset's settings as extract would (image_size None -> the backbone's default, ...).
     # Forced precision/runtime and random weights keep this cheap: neither is compared.
     common = {k: v for k, v in chosen.extract.items() if k != "join"}
-    parts = [{**common, **part} for part in chosen.extract.get("join") or [{}]]
-    made_parts = provenance.get("parts") or [provenance]
-    if len(made_parts) != len(parts):
-        raise ConfigError(f"preset {chosen.name!r} joins the features of {len(parts)} extractor(s); these features "
-                          f"come from {len(made_parts)}: {fix}")
+    wanted_parts = [{**common, **part} for part in chosen.extract.get("join") or [{}]]
+    if len(fs.parts) != len(wanted_parts):
+        raise ConfigError(f"preset {chosen.name!r} joins the features of {len(wanted_parts)} extractor(s); these "
+                          f"features come from {len(fs.parts)}: {fix}")
     differing = []
-    for n, (settings, made_by) in enumerate(zip(parts, made_parts), 1):
-        wanted, _ = resolve_extractor(**{"precision": "float32", "runtime": "keras", **settings, "weights": None})
-        made = config_from_provenance(made_by)
-        differing += [f"{'' if len(parts) == 1 else f'part {n}: '}{k}={getattr(made, k)!r} "
+    for n, (settings, made_by) in enumerate(zip(wanted_parts, fs.parts), 1):
+        forced = ExtractorSettings.from_kwargs(f"preset {chosen.name!r}", **{"precision": "float32", "runtime": "keras",
+                                                                            **settings})
+        wanted, _ = forced.resolve(None)
+        made = made_by.config
+        differing += [f"{'' if len(wanted_parts) == 1 else f'part {n}: '}{k}={getattr(made, k)!r} "
                       f"(the preset's: {getattr(wanted, k)!r})"
                       for k in settings if hasattr(wanted, k) and getattr(made, k) != getattr(wanted, k)]
     if differing:

@@ -1,12 +1,9 @@
-"""Plots and the HTML report page.
+"""The HTML report page.
 
-Every plot is a function of plain inputs (true labels, scores, the decision threshold, image paths,
-an Optuna study) returning a :class:`matplotlib.figure.Figure`, so each can be used on its own.
-:func:`write_report` puts them on one self-contained page: ``DIR/index.html`` next to its PNGs, plus
-``metrics.json`` and ``predictions.csv`` for scripts.
-
-matplotlib is imported inside the functions (``import fracfeat`` stays cheap), and figures are drawn
-on the Agg canvas directly, never through pyplot, so no GUI backend or global figure state is touched.
+:func:`write_report` puts the plots of :mod:`fracfeat._plots` on one self-contained page:
+``DIR/index.html`` next to its PNGs, plus ``metrics.json`` and ``predictions.csv`` for scripts, with
+the summary and metrics tables and the notes. :func:`report` evaluates a model on labeled data and
+writes that page.
 """
 
 from __future__ import annotations
@@ -15,328 +12,34 @@ import csv
 import html
 import json
 import logging
-import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ._errors import ConfigError
 from ._featureset import DEFAULT_CLASSES, FeatureSet
+from ._metrics import binary_metrics, checked_metrics, predict_rows, ranking_alarms, split_feature_step
+from ._model_io import pipeline_of
+from ._plots import (
+    format_value,
+    labels_and_scores,
+    operating_point,
+    plot_confusion_matrix,
+    plot_optimization_history,
+    plot_param_importances,
+    plot_precision_recall,
+    plot_roc,
+    plot_sample_grid,
+    plot_score_distribution,
+    predicted_positive,
+    rule_label,
+    save_figure,
+)
 
 log = logging.getLogger("fracfeat")
-
-# Colours of label 0 (not fractured) and label 1 (fractured), and of right / wrong predictions.
-CLASS_COLORS = ("#4c72b0", "#dd8452")
-RIGHT, WRONG = "#2a9d4b", "#c0392b"
-DPI = 110
-
-
-def _figure(width: float, height: float):
-    from ._deps import require
-
-    require("matplotlib", why="report plots")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _binary(y_true, scores):
-    y = np.asarray(y_true).astype(int).ravel()
-    s = np.asarray(scores, dtype=float).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"y_true has {len(y)} entries but scores has {len(s)}; give one score per label")
-    return y, s
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (float, np.floating)):
-        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def _decisions(s: np.ndarray, threshold, y_pred) -> np.ndarray:
-    if y_pred is not None:
-        pred = np.asarray(y_pred).astype(int).ravel()
-        if pred.shape != s.shape:
-            raise ValueError(f"y_pred has {len(pred)} entries but scores has {len(s)}; give one per label")
-        return pred == 1
-    return s >= (0.5 if threshold is None else threshold)
-
-
-def _rule(threshold) -> str:
-    """How the operating point was chosen, for labels."""
-    return "model's decision" if threshold is None else f"threshold {threshold:.2f}"
-
-
-def operating_point(y_true, scores, threshold: float | None = 0.5, y_pred=None) -> dict:
-    """Sensitivity, specificity, precision and the confusion counts of the model's decisions.
-
-    The decisions are ``y_pred`` when given (a model's own ``predict``, e.g. an SVC whose decision
-    function and probabilities can disagree near 0.5), else ``score >= threshold``.
-    """
-    y, s = _binary(y_true, scores)
-    pred = _decisions(s, threshold, y_pred)
-    tp = int(np.sum(pred & (y == 1)))
-    fp = int(np.sum(pred & (y == 0)))
-    fn = int(np.sum(~pred & (y == 1)))
-    tn = int(np.sum(~pred & (y == 0)))
-    return {
-        "threshold": None if threshold is None else float(threshold), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-        "precision": tp / (tp + fp) if tp + fp else float("nan"),
-        "fpr": fp / (fp + tn) if fp + tn else float("nan"),
-    }
-
-
-# -- plots ----------------------------------------------------------------------------------------
-
-def plot_confusion_matrix(y_true, scores, threshold: float | None = 0.5, classes=DEFAULT_CLASSES, y_pred=None):
-    """Counts and row percentages of true class (rows) against predicted class (columns)."""
-    y, s = _binary(y_true, scores)
-    op = operating_point(y, s, threshold, y_pred)
-    cm = np.array([[op["tn"], op["fp"]], [op["fn"], op["tp"]]])
-    fig = _figure(4.6, 4.0)
-    ax = fig.add_subplot()
-    row_sums = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, row_sums, out=np.zeros(cm.shape, float), where=row_sums > 0)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=13,
-                    color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xticks([0, 1], [f"pred. {c}" for c in classes])
-    ax.set_yticks([0, 1], [f"true {c}" for c in classes], rotation=90, va="center")
-    ax.set_title(f"Confusion matrix ({_rule(threshold)})")
-    return fig
-
-
-def _unit_square(ax, xlabel: str, ylabel: str, title: str, legend: str) -> None:
-    """Axes of a curve whose both coordinates are rates in [0, 1]."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc=legend, fontsize=8)
-    ax.set_title(title)
-
-
-def plot_roc(y_true, scores, threshold: float | None = 0.5, y_pred=None):
-    """ROC curve with its AUC and the operating point at ``threshold`` marked."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    y, s = _binary(y_true, scores)
-    fig = _figure(4.6, 4.2)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], ls="--", color="#999", lw=1, label="chance")
-    if len(np.unique(y)) == 2:
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, color=CLASS_COLORS[1], lw=2, label=f"ROC (AUC {roc_auc_score(y, s):.3f})")
-    op = operating_point(y, s, threshold, y_pred)
-    ax.plot(op["fpr"], op["sensitivity"], "o", ms=9, mfc="white", mec="black", mew=2,
-            label=f"{_rule(threshold)}: sens. {_fmt(op['sensitivity'], 2)}, spec. {_fmt(op['specificity'], 2)}")
-    _unit_square(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)", "ROC curve",
-                 legend="lower right")
-    ax.set_aspect("equal")
-    return fig
-
-
-def plot_precision_recall(y_true, scores, threshold: float | None = 0.5, y_pred=None):
-    """Precision-recall curve with average precision, the base rate, and the operating point marked."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
-    y, s = _binary(y_true, scores)
-    fig = _figure(4.6, 4.2)
-    ax = fig.add_subplot()
-    base = float(np.mean(y == 1)) if len(y) else 0.0
-    ax.axhline(base, ls="--", color="#999", lw=1, label=f"base rate {base:.2f}")
-    if (y == 1).any():
-        precision, recall, _ = precision_recall_curve(y, s)
-        ax.plot(recall, precision, color=CLASS_COLORS[1], lw=2,
-                label=f"PR (AP {average_precision_score(y, s):.3f})")
-    op = operating_point(y, s, threshold, y_pred)
-    if not math.isnan(op["precision"]):
-        ax.plot(op["sensitivity"], op["precision"], "o", ms=9, mfc="white", mec="black", mew=2,
-                label=f"{_rule(threshold)}: recall {_fmt(op['sensitivity'], 2)}, precision {_fmt(op['precision'], 2)}")
-    _unit_square(ax, "recall (sensitivity)", "precision", "Precision-recall curve", legend="lower left")
-    return fig
-
-
-def plot_score_distribution(y_true, scores, threshold: float | None = 0.5, classes=DEFAULT_CLASSES):
-    """Histogram of the predicted probability of each true class, with the threshold line."""
-    y, s = _binary(y_true, scores)
-    fig = _figure(6.0, 3.6)
-    ax = fig.add_subplot()
-    bins = np.linspace(0, 1, 31)
-    for label in (0, 1):
-        part = s[y == label]
-        if len(part):
-            # Density per class: the minority class would be invisible in raw counts.
-            ax.hist(part, bins=bins, alpha=0.55, color=CLASS_COLORS[label], density=True,
-                    label=f"true {classes[label]} (n={len(part)})")
-    if threshold is not None:
-        ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.2f}")
-    ax.set_xlabel(f"predicted probability of {classes[1]}")
-    ax.set_ylabel("density")
-    ax.set_xlim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("Score distribution per class")
-    return fig
-
-
-def _trials(study, states):
-    return [t for t in study.get_trials(deepcopy=False) if t.state in states]
-
-
-def plot_optimization_history(study, scoring: str | None = None):
-    """Each finished trial's score, the best score so far, and pruned trials at their last report."""
-    import optuna
-
-    TS = optuna.trial.TrialState
-    complete = _trials(study, (TS.COMPLETE,))
-    pruned = [t for t in _trials(study, (TS.PRUNED,)) if t.intermediate_values]
-    fig = _figure(6.0, 3.8)
-    ax = fig.add_subplot()
-    name = scoring or "objective"
-    if not complete:
-        ax.text(0.5, 0.5, "no completed trial", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return fig
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    family_key = "classifier" if any("classifier" in t.params for t in complete) else None
-    if family_key:
-        families = sorted({str(t.params.get(family_key)) for t in complete})
-        palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
-        for k, fam in enumerate(families):
-            ts = [t for t in complete if str(t.params.get(family_key)) == fam]
-            ax.scatter([t.number for t in ts], [t.value for t in ts], s=22, color=palette[k % len(palette)],
-                       label=fam, zorder=3)
-    else:
-        ax.scatter([t.number for t in complete], [t.value for t in complete], s=22, color=CLASS_COLORS[0],
-                   label="trial", zorder=3)
-    if pruned:
-        ax.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
-                   marker="x", s=20, color="#999", label=f"pruned ({len(pruned)})", zorder=2)
-    order = sorted(complete, key=lambda t: t.number)
-    best, xs, ys = None, [], []
-    for t in order:
-        if best is None or (t.value > best if maximize else t.value < best):
-            best = t.value
-        xs.append(t.number)
-        ys.append(best)
-    ax.step(xs, ys, where="post", color="black", lw=1.5, label=f"best so far ({best:.4f})")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(f"CV {name}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right" if maximize else "upper right")
-    ax.set_title(f"Optimization history ({len(complete)} completed, {len(pruned)} pruned)")
-    return fig
-
-
-def param_importances(study) -> tuple[dict, str]:
-    """fANOVA importance of each parameter (seeded), and which trials it covers.
-
-    When the study searched several classifier families (fit's "auto"), fANOVA can only weigh the
-    parameters every trial has (the family itself), so the importances are computed over the best
-    family's trials instead. Returns ``({}, reason)`` when the trials cannot support an estimate.
-    """
-    import optuna
-
-    complete = _trials(study, (optuna.trial.TrialState.COMPLETE,))
-    scope = "all completed trials"
-    if len({str(t.params.get("classifier")) for t in complete}) > 1:
-        best = study.best_trial.params.get("classifier")
-        family = [t for t in complete if t.params.get("classifier") == best]
-        if len(family) >= 2:
-            from ._fit import _quiet_optuna
-
-            with _quiet_optuna():  # no "A new study created in memory" line in the user's terminal
-                sub = optuna.create_study(direction=study.direction)
-            sub.add_trials(family)
-            study, complete, scope = sub, family, f"the {len(family)} {best} trials (best family)"
-    if len(complete) < 2:
-        return {}, "needs at least 2 completed trials"
-    shared = set.intersection(*(set(t.params) for t in complete))
-    varying = sorted(k for k in shared if len({repr(t.params[k]) for t in complete}) > 1)
-    if not varying:
-        return {}, "the trials' parameters do not vary"
-    try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, params=varying)), scope
-    except (RuntimeError, ValueError) as e:  # e.g. every trial had the same parameters
-        log.debug("parameter importances unavailable: %s", e)
-        return {}, "the trials' parameters do not vary enough"
-
-
-def plot_param_importances(study):
-    """Horizontal bars of each hyperparameter's share of the score's variance (fANOVA)."""
-    importances, scope = param_importances(study)
-    fig = _figure(6.0, max(2.2, 0.45 * len(importances) + 1.2))
-    ax = fig.add_subplot()
-    if not importances:
-        ax.text(0.5, 0.5, f"no importances: {scope}", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return fig
-    names = list(importances)[::-1]
-    values = [importances[n] for n in names]
-    ax.barh(names, values, color=CLASS_COLORS[0])
-    for k, v in enumerate(values):
-        ax.text(v, k, f" {v:.2f}", va="center", fontsize=9)
-    ax.set_xlim(0, max(values) * 1.18 or 1)
-    ax.set_xlabel("importance (fANOVA)")
-    ax.set_title(f"Hyperparameter importances\nover {scope}", fontsize=10)
-    return fig
-
-
-def worst_first(y_true, scores) -> np.ndarray:
-    """Indices ordered by how wrong the score is (|label - probability|), worst first; stable on ties."""
-    y, s = _binary(y_true, scores)
-    return np.argsort(-np.abs(y - s), kind="stable")
-
-
-def plot_sample_grid(paths, y_true, scores, threshold: float | None = 0.5, classes=DEFAULT_CLASSES, n: int = 24,
-                     columns: int = 6, thumb_size: int = 192, y_pred=None):
-    """Radiographs with true label and predicted probability, worst errors first.
-
-    Each tile is titled with the true class and the probability of ``classes[1]``, in red when the
-    prediction at ``threshold`` is wrong. Images go through fracfeat's own decoder (EXIF orientation,
-    truncated files read as far as they go), squashed to a square as the backbone sees them.
-    """
-    from ._images import load_image
-
-    y, s = _binary(y_true, scores)
-    if len(paths) != len(y):
-        raise ValueError(f"{len(paths)} paths but {len(y)} labels; give one path per label")
-    pred = _decisions(s, threshold, y_pred)
-    order = worst_first(y, s)[:n]
-    rows = max(1, math.ceil(len(order) / columns))
-    fig = _figure(columns * 1.9, rows * 2.2)
-    for k, i in enumerate(order):
-        ax = fig.add_subplot(rows, columns, k + 1)
-        decoded = load_image(str(paths[i]), thumb_size)
-        if decoded.pixels is not None:
-            ax.imshow(decoded.pixels)
-        else:
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
-        wrong = pred[i] != (y[i] == 1)
-        color = WRONG if wrong else RIGHT
-        ax.set_title(f"{'✗' if wrong else '✓'} true {classes[y[i]]}\np={s[i]:.2f} · {Path(str(paths[i])).name}",
-                     fontsize=7.5, color=color)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(color)
-            spine.set_linewidth(2.5 if wrong else 1)
-    if not len(order):
-        fig.add_subplot().set_axis_off()
-    return fig
 
 
 # -- the page -------------------------------------------------------------------------------------
@@ -373,11 +76,11 @@ def _value_html(value) -> str:
     if isinstance(value, dict):
         if not value:
             return "<i>none</i>"
-        return "<ul class=kv>" + "".join(f"<li><code>{_esc(k)}</code> = {_esc(_fmt(v, 4))}</li>"
+        return "<ul class=kv>" + "".join(f"<li><code>{_esc(k)}</code> = {_esc(format_value(v, 4))}</li>"
                                          for k, v in value.items()) + "</ul>"
     if isinstance(value, (list, tuple)):
         return _esc(", ".join(str(v) for v in value))
-    return _esc(_fmt(value, 4))
+    return _esc(format_value(value, 4))
 
 
 def _scalar_metrics(metrics: dict) -> dict[str, dict[str, float]]:
@@ -401,7 +104,7 @@ def _metrics_table(columns: dict[str, dict]) -> str:
         names.extend(k for k in values if k not in names)
     head = "<tr><th>metric</th>" + "".join(f"<th>{_esc(c)}</th>" for c in columns) + "</tr>"
     rows = "".join(
-        f"<tr><td>{_esc(n)}</td>" + "".join(f"<td class=num>{_esc(_fmt(columns[c].get(n, float('nan'))))}</td>"
+        f"<tr><td>{_esc(n)}</td>" + "".join(f"<td class=num>{_esc(format_value(columns[c].get(n, float('nan'))))}</td>"
                                             for c in columns) + "</tr>"
         for n in names
     )
@@ -416,8 +119,146 @@ def _json_default(value):
     return str(value)
 
 
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=DPI)
+@dataclass(frozen=True)
+class _Shown:
+    """The evaluated images as the page shows them."""
+
+    y: np.ndarray  # true labels, 0 or 1
+    s: np.ndarray  # predicted probability of label 1
+    pred: np.ndarray  # the model's decisions, 0 or 1
+    threshold: float | None
+    classes: tuple[str, str]
+    op: dict  # operating_point() of those decisions
+
+    @property
+    def rule(self) -> str:
+        return rule_label(self.threshold)
+
+
+def _shown(y_true, scores, threshold, y_pred, classes) -> _Shown:
+    y, s = labels_and_scores(y_true, scores)
+    return _Shown(y=y, s=s, pred=predicted_positive(s, threshold, y_pred).astype(int), threshold=threshold,
+                  classes=tuple(classes), op=operating_point(y, s, threshold, y_pred))
+
+
+# One figure of the page: (PNG file name, caption, css class).
+_Figure = tuple[str, str, str]
+
+
+def _saved(out: Path, name: str, fig, caption: str, css: str = "") -> _Figure:
+    """Write ``fig`` as ``out/name``; its entry on the page."""
+    save_figure(fig, out / name)
+    return name, caption, css
+
+
+def _score_figures(out: Path, shown: _Shown) -> list[_Figure]:
+    """The plots of the scores and decisions: confusion matrix, score distribution, ROC, precision-recall."""
+    y, s, pred, threshold, classes = shown.y, shown.s, shown.pred, shown.threshold, shown.classes
+    return [
+        _saved(out, "confusion_matrix.png", plot_confusion_matrix(y, s, threshold, classes, pred),
+               f"Rows: true class; columns: predicted class ({shown.rule}). Percentages are per row "
+               f"(sensitivity is the bottom-right share, specificity the top-left)."),
+        _saved(out, "score_distribution.png", plot_score_distribution(y, s, threshold, classes),
+               "How far apart the model pushes the two classes; the dashed line is the decision threshold."),
+        _saved(out, "roc.png", plot_roc(y, s, threshold, pred),
+               "Every threshold's trade-off; the circle is the model's operating point."),
+        _saved(out, "precision_recall.png", plot_precision_recall(y, s, threshold, pred),
+               "Precision-recall is the honest curve for a minority class; the dashed line is what guessing achieves."),
+    ]
+
+
+def _tuning_figures(out: Path, study, scoring: str | None) -> list[_Figure]:
+    """The plots of the Optuna study: optimization history and parameter importances."""
+    return [
+        _saved(out, "optimization_history.png", plot_optimization_history(study, scoring),
+               "Cross-validated score of each Optuna trial (colour: classifier family when several were searched); "
+               "the line is the best so far. Grey crosses: pruned trials, at their running mean over the folds "
+               "done when they were stopped."),
+        _saved(out, "param_importances.png", plot_param_importances(study),
+               "Which hyperparameters moved the cross-validated score (fANOVA over completed trials)."),
+    ]
+
+
+def _sample_figure(out: Path, shown: _Shown, paths, n_samples: int) -> _Figure:
+    """The grid of radiographs, worst errors first, across the page's width."""
+    n_wrong = shown.op["fp"] + shown.op["fn"]
+    fig = plot_sample_grid(paths, shown.y, shown.s, shown.threshold, shown.classes, n=n_samples, y_pred=shown.pred)
+    return _saved(out, "samples.png", fig,
+                  f"Worst errors first: {n_wrong} of {len(shown.y)} images are misclassified ({shown.rule}). "
+                  f"Red: wrong, green: right; p is the predicted probability of {shown.classes[1]}.", "wide")
+
+
+def _write_metrics_json(path: Path, shown: _Shown, metrics: dict | None, summary: dict | None) -> None:
+    with open(path, "w") as f:
+        json.dump({"threshold": shown.threshold, "operating_point": shown.op, "metrics": metrics or {},
+                   "summary": summary or {}}, f, indent=2, default=_json_default)
+
+
+def _write_predictions_csv(path: Path, shown: _Shown, paths) -> None:
+    """One row per image: its path, true and predicted class, probability, and whether it was right."""
+    classes = shown.classes
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true_label", "probability", "predicted_label", "correct"])
+        for p, yi, si, pi in zip(paths, shown.y, shown.s, shown.pred):
+            w.writerow([p, classes[yi], f"{si:.6f}", classes[pi], int(pi == yi)])
+
+
+def _cards_html(shown: _Shown) -> str:
+    """The headline metrics, computed from the plotted rows themselves."""
+    values = binary_metrics(shown.y, shown.pred, shown.s, shown.classes)
+    cards = "".join(f"<div class=card><b>{_esc(format_value(values[k]))}</b><span>{_esc(label)}</span></div>"
+                    for k, label in _CARD_METRICS if values.get(k) is not None)
+    return f"<div class=cards>{cards}</div>"
+
+
+def _heading_html(shown: _Shown, title: str, notes) -> str:
+    """Title, what was evaluated and when, the notes, and the metric cards."""
+    y, classes = shown.y, shown.classes
+    n_pos = int(np.sum(y == 1))
+    return "".join([
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{_esc(title)}</title>",
+        f"<style>{_CSS}</style></head><body><main>",
+        f"<h1>{_esc(title)}</h1>",
+        f"<p class=sub>{len(y)} evaluated images ({n_pos} {_esc(classes[1])}, {len(y) - n_pos} {_esc(classes[0])}) · "
+        f"{_esc(shown.rule)} · written {_esc(time.strftime('%Y-%m-%d %H:%M'))}</p>",
+        "".join(f"<div class=note>{_esc(n)}</div>" for n in notes),
+        _cards_html(shown),
+    ])
+
+
+def _tables_html(summary: dict | None, metrics: dict | None) -> str:
+    """The summary table, then the metrics table when there are scalar metrics."""
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_value_html(v)}</td></tr>" for k, v in (summary or {}).items())
+    columns = _scalar_metrics(metrics or {})
+    return f"<h2>Summary</h2><table>{rows}</table>" + (f"<h2>Metrics</h2>{_metrics_table(columns)}" if columns else "")
+
+
+def _figures_html(figures: list[_Figure]) -> str:
+    """The plots in a grid; a wide figure (the sample grid) opens a section of its own."""
+    parts = ["<h2>Plots</h2><div class=grid>"]
+    for name, caption, css in figures:
+        if css == "wide":
+            parts.append("</div><h2>Radiographs, worst errors first</h2><div class=grid>")
+        parts.append(f"<figure class='{css}'><img src='{_esc(name)}' alt='{_esc(name)}'>"
+                     f"<figcaption>{_esc(caption)}</figcaption></figure>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _page_html(shown: _Shown, *, title: str, notes, summary, metrics, figures, with_predictions: bool) -> str:
+    files = "<p class=sub>Files: <a href=metrics.json>metrics.json</a>" + (
+        " · <a href=predictions.csv>predictions.csv</a>" if with_predictions else "") + "</p></main></body></html>\n"
+    return _heading_html(shown, title, notes) + _tables_html(summary, metrics) + _figures_html(figures) + files
+
+
+def _write_atomically(page: Path, text: str) -> Path:
+    """Write ``page`` under a temporary name, then rename it: a reader never sees half a page."""
+    tmp = page.with_name(f".{page.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, page)
+    return page
 
 
 def write_report(
@@ -478,86 +319,21 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    y, s = _binary(y_true, scores)
-    classes = tuple(classes)
-    op = operating_point(y, s, threshold, y_pred)
-    pred = _decisions(s, threshold, y_pred).astype(int)
-    rule = _rule(threshold)
-    figures: list[tuple[str, str, str]] = []  # (file, caption, css class)
-
-    def add(name, fig, caption, css=""):
-        _save(fig, out / name)
-        figures.append((name, caption, css))
-
+    shown = _shown(y_true, scores, threshold, y_pred, classes)
+    with_paths = paths is not None and len(paths) > 0
     t0 = time.perf_counter()
-    add("confusion_matrix.png", plot_confusion_matrix(y, s, threshold, classes, pred),
-        f"Rows: true class; columns: predicted class ({rule}). Percentages are per row "
-        f"(sensitivity is the bottom-right share, specificity the top-left).")
-    add("score_distribution.png", plot_score_distribution(y, s, threshold, classes),
-        "How far apart the model pushes the two classes; the dashed line is the decision threshold.")
-    add("roc.png", plot_roc(y, s, threshold, pred),
-        "Every threshold's trade-off; the circle is the model's operating point.")
-    add("precision_recall.png", plot_precision_recall(y, s, threshold, pred),
-        "Precision-recall is the honest curve for a minority class; the dashed line is what guessing achieves.")
+    figures = _score_figures(out, shown)
     if study is not None:
-        add("optimization_history.png", plot_optimization_history(study, scoring),
-            "Cross-validated score of each Optuna trial (colour: classifier family when several were searched); "
-            "the line is the best so far. Grey crosses: pruned trials, at their running mean over the folds "
-            "done when they were stopped.")
-        add("param_importances.png", plot_param_importances(study),
-            "Which hyperparameters moved the cross-validated score (fANOVA over completed trials).")
-    n_wrong = op["fp"] + op["fn"]
-    if paths is not None and len(paths):
-        add("samples.png", plot_sample_grid(paths, y, s, threshold, classes, n=n_samples, y_pred=pred),
-            f"Worst errors first: {n_wrong} of {len(y)} images are misclassified ({rule}). Red: wrong, green: right; p is the predicted probability of {classes[1]}.", "wide")
+        figures += _tuning_figures(out, study, scoring)
+    if with_paths:
+        figures.append(_sample_figure(out, shown, paths, n_samples))
     log.debug("report plots drawn in %.1fs", time.perf_counter() - t0)
-
-    metric_columns = _scalar_metrics(metrics or {})
-    with open(out / "metrics.json", "w") as f:
-        json.dump({"threshold": threshold, "operating_point": op, "metrics": metrics or {}, "summary": summary or {}},
-                  f, indent=2, default=_json_default)
-    if paths is not None and len(paths):
-        with open(out / "predictions.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "true_label", "probability", "predicted_label", "correct"])
-            for p, yi, si, pi in zip(paths, y, s, pred):
-                w.writerow([p, classes[yi], f"{si:.6f}", classes[pi], int(pi == yi)])
-
-    from ._metrics import binary_metrics
-
-    card_values = binary_metrics(y, pred, s, classes)  # the plotted rows' own numbers
-    cards = "".join(f"<div class=card><b>{_esc(_fmt(card_values[k]))}</b><span>{_esc(label)}</span></div>"
-                    for k, label in _CARD_METRICS if card_values.get(k) is not None)
-    n_pos = int(np.sum(y == 1))
-    parts = [
-        "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{_esc(title)}</title>",
-        f"<style>{_CSS}</style></head><body><main>",
-        f"<h1>{_esc(title)}</h1>",
-        f"<p class=sub>{len(y)} evaluated images ({n_pos} {_esc(classes[1])}, {len(y) - n_pos} {_esc(classes[0])}) · "
-        f"{_esc(rule)} · written {_esc(time.strftime('%Y-%m-%d %H:%M'))}</p>",
-        "".join(f"<div class=note>{_esc(n)}</div>" for n in notes),
-        f"<div class=cards>{cards}</div>",
-        "<h2>Summary</h2><table>",
-        "".join(f"<tr><th>{_esc(k)}</th><td>{_value_html(v)}</td></tr>" for k, v in (summary or {}).items()),
-        "</table>",
-    ]
-    if metric_columns:
-        parts += ["<h2>Metrics</h2>", _metrics_table(metric_columns)]
-    parts.append("<h2>Plots</h2><div class=grid>")
-    for name, caption, css in figures:
-        if css == "wide":
-            parts.append("</div><h2>Radiographs, worst errors first</h2><div class=grid>")
-        parts.append(f"<figure class='{css}'><img src='{_esc(name)}' alt='{_esc(name)}'>"
-                     f"<figcaption>{_esc(caption)}</figcaption></figure>")
-    parts.append("</div><p class=sub>Files: <a href=metrics.json>metrics.json</a>"
-                 + (" · <a href=predictions.csv>predictions.csv</a>" if paths is not None and len(paths) else "")
-                 + "</p></main></body></html>\n")
-    page = out / "index.html"
-    tmp = out / f".index.html.{os.getpid()}.tmp"
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, page)
-    return page
+    _write_metrics_json(out / "metrics.json", shown, metrics, summary)
+    if with_paths:
+        _write_predictions_csv(out / "predictions.csv", shown, paths)
+    page = _page_html(shown, title=title, notes=notes, summary=summary, metrics=metrics, figures=figures,
+                      with_predictions=with_paths)
+    return _write_atomically(out / "index.html", page)
 
 
 # -- a model on data -------------------------------------------------------------------------------
@@ -592,9 +368,7 @@ def _unwrapped(estimator):
 
 def describe_model(pipeline) -> dict:
     """Summary-table rows of a fitted Pipeline: extractor, training store version, steps, classifier."""
-    from ._metrics import _split_feature_step
-
-    deep, head = _split_feature_step(pipeline)
+    deep, head = split_feature_step(pipeline)
     out = {}
     if deep is not None:
         from ._transformer import feature_parts
@@ -680,11 +454,8 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
     >>> from fracfeat import report
     >>> page, metrics = report("model.joblib", "data/test_folder", "report/")   # doctest: +SKIP
     """
-    from ._errors import ConfigError
-    from ._metrics import _pipeline_of, checked_metrics, predict_rows, ranking_alarms
-
     fit_result = model if hasattr(model, "pipeline") and hasattr(model, "study") else None
-    pipeline = _pipeline_of(model)
+    pipeline = pipeline_of(model)
     if study is None and fit_result is not None:
         study = fit_result.study
     rows = predict_rows(pipeline, features_or_source, version=version)

@@ -9,17 +9,22 @@ Layout of a store directory (docs/store-format.md is the reference)::
       tmp/                         files being written (never read)
       .lock                        taken by writers (filelock)
 
-Why one file per version: a version is written to ``tmp/`` and renamed into ``versions/`` in one
-``os.replace``, so a crash can never leave a half-written version that looks complete, and an
-existing version file is never opened for writing again. Plain h5py or h5dump reads any version
-file on its own.
+Why one file per version: a version is written to ``tmp/`` and published into ``versions/`` by one
+hard link (or ``os.replace``), so a crash can never leave a half-written version that looks
+complete, and an existing version file is never opened for writing again. Plain h5py or h5dump
+reads any version file on its own.
 
 The cache: rows are keyed by (extractor fingerprint, sha256 of the image bytes). Every version and
 checkpoint file of a fingerprint is a cache source; ``extract`` computes only ids none of them hold.
+
+Reading and writing are apart: :class:`FeatureStore` only reads (any number of readers, no lock).
+Every write goes through a :class:`StoreWriter`, which exists only inside ``with store.writer():``,
+the writer lock held; it writes checkpoints and version files and owns their attributes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,9 +38,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ._errors import StoreError
+from ._config import options_text
+from ._errors import ConfigError, StoreError
 from ._faults import pause_point
-from ._featureset import FeatureSet, classes_from_rows
+from ._featureset import FeatureSet, classes_from_rows, join_features
 
 log = logging.getLogger("fracfeat")
 
@@ -132,15 +138,21 @@ class StoredRows:
                              f"or delete the damaged version file (its rows are recomputed on the next extract)") from None
 
 
+def version_list(ref) -> list[str] | None:
+    """The versions a reference names: ``"3"``/``"v3"``/``3`` -> ``["3"]``, ``"2+3"`` -> ``["2", "3"]`` (joined),
+    ``"latest"``/None -> ``["latest"]``; None when ``ref`` does not read as a version reference."""
+    if ref is None or str(ref).strip().lower() == "latest":
+        return ["latest"]
+    tokens = [v.strip().lstrip("vV") for v in str(ref).split("+")]
+    return tokens if all(t.isdigit() for t in tokens) else None
+
+
 def _options_text(attrs) -> str:
     """``tiles=3 layers=block3_pool,block4_pool view=hflip``: the options a version's extractor was given."""
     try:
-        prov = json.loads(attrs.get("provenance", "{}"))
+        return options_text(json.loads(attrs.get("provenance", "{}")))
     except (TypeError, ValueError):
         return ""
-    parts = [f"tiles={prov['tiles']}"] if prov.get("tiles", 1) != 1 else []
-    parts += [f"{k}={','.join(map(str, prov[k]))}" for k in ("scales", "layers") if prov.get(k)]
-    return " ".join(parts + ([f"view={prov['view']}"] if prov.get("view") else []))
 
 
 @dataclass(frozen=True)
@@ -199,57 +211,6 @@ class VerifyReport:
         return not self.problems
 
 
-class RowWriter:
-    """Writes a new version file in ``tmp/``, rows streamed in order, then commits it atomically."""
-
-    def __init__(self, store: "FeatureStore", n_rows: int, n_features: int):
-        import h5py
-
-        self.store = store
-        self.tmp_path = store.root / "tmp" / f"{uuid.uuid4().hex}.h5"
-        self.file = h5py.File(self.tmp_path, "w")
-        chunk_rows = max(1, min(n_rows, max(1, (1 << 20) // max(4 * n_features, 1))))
-        self.features = self.file.create_dataset(
-            "features", shape=(n_rows, n_features), dtype="float32",
-            chunks=(chunk_rows, n_features) if n_rows else None,
-            compression="gzip" if n_rows else None, compression_opts=1 if n_rows else None,
-            shuffle=bool(n_rows),
-        )
-        self.n_rows = n_rows
-
-    def write(self, start: int, rows: np.ndarray) -> None:
-        self.features[start:start + len(rows)] = rows
-        pause_point("version")
-
-    def finish(self, table: dict, failures: list[dict], attrs: dict) -> None:
-        f = self.file
-        s = _str_dtype()
-        f.create_dataset("ids", data=np.array(table["ids"], dtype="S64"))
-        for name in ("paths", "class_names", "splits", "groups"):
-            f.create_dataset(name, data=_as_str_array(table[name]), dtype=s)
-        f.create_dataset("labels", data=np.asarray(table["labels"], dtype=np.int8))
-        f.create_dataset("truncated", data=np.asarray(table["truncated"], dtype=np.int8))
-        g = f.create_group("failures")
-        g.create_dataset("paths", data=_as_str_array([x["path"] for x in failures]), dtype=s)
-        g.create_dataset("ids", data=_as_str_array([x.get("id", "") for x in failures]), dtype=s)
-        g.create_dataset("reasons", data=_as_str_array([x["reason"] for x in failures]), dtype=s)
-        checksums = {name: dataset_sha256(f[name]) for name in _CHECKSUMMED}
-        for k, v in attrs.items():
-            f.attrs[k] = v
-        f.attrs["checksums"] = json.dumps(checksums, sort_keys=True)
-        f.attrs["format"] = FORMAT_NAME
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["complete"] = 0  # set to 1 under the lock, just before the rename
-        self.file.close()
-
-    def abort(self) -> None:
-        try:
-            self.file.close()
-        except Exception:
-            pass
-        self.tmp_path.unlink(missing_ok=True)
-
-
 def _match_rows(rows_a, rows_b, key) -> tuple[list, list, list]:
     """Pair rows of ``a`` and ``b`` with equal ``key`` one to one, in path order.
 
@@ -271,6 +232,8 @@ def _match_rows(rows_a, rows_b, key) -> tuple[list, list, list]:
 
 class FeatureStore:
     """A directory of immutable, versioned HDF5 feature files.
+
+    It reads, without a lock; writing goes through :meth:`writer`, which holds the writer lock.
 
     Parameters
     ----------
@@ -310,52 +273,6 @@ class FeatureStore:
             if self.root.exists() and any(self.root.iterdir()):
                 raise StoreError(f"{self.root} is not a fracfeat store (no {MARKER}); point to a store directory")
             raise StoreError(f"no feature store at {self.root}: run extract(..., store={str(self.root)!r}) first")
-
-    def create(self) -> None:
-        """Create the directory layout (idempotent; call it holding the write lock).
-
-        A directory holding nothing but the store's own layout (a process killed inside ``create``
-        leaves that) is completed, not refused.
-        """
-        self._refuse_foreign()
-        for d in (self.root, self.versions_dir, self.root / "tmp", self.root / "checkpoints"):
-            d.mkdir(parents=True, exist_ok=True)
-        marker = self.root / MARKER
-        if not marker.exists():
-            tmp = self.root / "tmp" / f"marker-{uuid.uuid4().hex}"
-            tmp.write_text(json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION}) + "\n")
-            os.replace(tmp, marker)
-
-    def _refuse_foreign(self) -> None:
-        """Refuse a path that is a file, or a directory holding anything but a store's layout."""
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"store path {self.root} is a file; give a directory for store=")
-        if self.root.is_dir() and not self.exists() and any(p.name not in _LAYOUT for p in self.root.iterdir()):
-            raise StoreError(f"{self.root} exists and is not a fracfeat store; choose an empty or new directory for store=")
-
-    @contextmanager
-    def write_lock(self):
-        """Exclusive writer lock; a second writer waits up to ``lock_timeout`` seconds."""
-        from filelock import FileLock, Timeout
-
-        self._refuse_foreign()  # before the lock file is made, so a foreign directory is left as it was
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.root / ".lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("store %s is being written by another process; waiting up to %ss", self.root, self.lock_timeout)
-            try:
-                lock.acquire(timeout=self.lock_timeout)
-            except Timeout:
-                raise StoreError(
-                    f"store {self.root} is locked by another writer (held for more than {self.lock_timeout}s). "
-                    f"Wait for it to finish, or use another store= directory."
-                ) from None
-        try:
-            yield
-        finally:
-            lock.release()
 
     # -- reading --------------------------------------------------------------------------------
     def version_numbers(self) -> list[int]:
@@ -441,10 +358,9 @@ class FeatureStore:
         metadata is loaded either way. ``version="2+3"`` joins versions 2 and 3 side by side
         (:func:`fracfeat.join_features`; not lazy).
         """
-        if isinstance(version, str) and "+" in version:
-            from ._featureset import join_features
-
-            return join_features(*(self.open(v.strip().lstrip("vV")) for v in version.split("+")))
+        joined = version_list(version)
+        if joined is not None and len(joined) > 1:
+            return join_features(*(self.open(v) for v in joined))
         n = self.resolve(version)
         with self._open_h5(n) as f, self._damage_reported(self._version_path(n)):
             labels = f["labels"][:].astype(np.int64)
@@ -542,7 +458,11 @@ class FeatureStore:
         return files
 
     def cache_index(self, fingerprint: str) -> dict[str, tuple[Path, int, bool]]:
-        """id -> (file, row, truncated) for every row ever computed under ``fingerprint``."""
+        """id -> (file, row, truncated) for every row ever computed under ``fingerprint``.
+
+        A snapshot: a writer may add checkpoints, and remove them once committed. Read inside
+        ``with store.writer():``, it holds until that writer commits.
+        """
         import h5py
 
         index: dict[str, tuple[Path, int, bool]] = {}
@@ -560,14 +480,197 @@ class FeatureStore:
                 log.warning("skipping unreadable cache file %s", p)
         return index
 
+    # -- writing --------------------------------------------------------------------------------
+    @contextmanager
+    def writer(self, lock_timeout: float | None = None) -> Iterator["StoreWriter"]:
+        """Hold the store's writer lock and hand out the :class:`StoreWriter` that makes every write.
+
+        Entering takes ``.lock`` (a second writer waits up to ``lock_timeout`` seconds, this store's
+        ``lock_timeout`` when None, then raises StoreError), creates the layout on first use and
+        empties ``tmp/`` of what killed writers left. Leaving releases the lock; the writer refuses
+        every step after that.
+
+        Examples
+        --------
+        >>> with FeatureStore("fracfeat-store").writer() as w:           # doctest: +SKIP
+        ...     parent = w.latest_with_fingerprint(fingerprint)
+        """
+        timeout = self.lock_timeout if lock_timeout is None else lock_timeout
+        with _writer_lock(self.root, timeout):
+            # Under the lock: two first writers creating one store at once must not see each other's
+            # half-made layout as a foreign directory, nor delete each other's marker file from tmp/.
+            _create_layout(self.root)
+            _clean_tmp(self.root)
+            writer = StoreWriter(self, _WRITER_KEY)
+            try:
+                yield writer
+            finally:
+                writer._held = False
+
+
+# -- writing ----------------------------------------------------------------------------------------
+# Only a StoreWriter writes, and only ``FeatureStore.writer()`` makes one, holding the lock.
+
+# Root attributes a version file copies from its provenance, so that h5dump and VersionInfo read them
+# without parsing the JSON (docs/store-format.md lists them with the others StoreWriter writes).
+_PROVENANCE_ATTRS = ("created", "source", "backbone", "image_size", "pooling", "preprocessing", "weights",
+                     "precision", "runtime", "fracfeat_version", "keras_version", "keras_backend")
+_ASSEMBLY_CHUNK = 1024  # rows copied from the cache into a new version file at a time
+_WRITER_KEY = object()  # what FeatureStore.writer() passes to StoreWriter: no one else makes one
+
+
+def _refuse_foreign(root: Path) -> None:
+    """Refuse a path that is a file, or a directory holding anything but a store's layout."""
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"store path {root} is a file; give a directory for store=")
+    if root.is_dir() and not (root / MARKER).is_file() and any(p.name not in _LAYOUT for p in root.iterdir()):
+        raise StoreError(f"{root} exists and is not a fracfeat store; choose an empty or new directory for store=")
+
+
+@contextmanager
+def _writer_lock(root: Path, timeout: float):
+    """Exclusive writer lock on the store at ``root``; a second writer waits up to ``timeout`` seconds."""
+    from filelock import FileLock, Timeout
+
+    _refuse_foreign(root)  # before the lock file is made, so a foreign directory is left as it was
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("store %s is being written by another process; waiting up to %ss", root, timeout)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise StoreError(
+                f"store {root} is locked by another writer (held for more than {timeout}s). "
+                f"Wait for it to finish, or use another store= directory."
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _create_layout(root: Path) -> None:
+    """Create the directory layout (idempotent; the caller holds the write lock).
+
+    A directory holding nothing but the store's own layout (a process killed inside this function
+    leaves that) is completed, not refused.
+    """
+    _refuse_foreign(root)
+    for d in (root, root / "versions", root / "tmp", root / "checkpoints"):
+        d.mkdir(parents=True, exist_ok=True)
+    marker = root / MARKER
+    if not marker.exists():
+        tmp = root / "tmp" / f"marker-{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION}) + "\n")
+        os.replace(tmp, marker)
+
+
+def _clean_tmp(root: Path) -> None:
+    """Remove leftovers of killed writers (the caller holds the write lock: no one else is writing)."""
+    tmp = root / "tmp"
+    if tmp.is_dir():
+        for p in tmp.iterdir():
+            if p.is_file():
+                p.unlink(missing_ok=True)
+
+
+def _while_held(step):
+    """A StoreWriter step runs only inside its ``with store.writer()`` block, the lock held."""
+
+    @functools.wraps(step)
+    def guarded(self, *args, **kwargs):
+        if not self._held:
+            raise StoreError(f"StoreWriter.{step.__name__} on {self.store.root} outside its "
+                             f"`with store.writer() as w:` block: the lock is no longer held; write inside the block")
+        return step(self, *args, **kwargs)
+
+    return guarded
+
+
+class RowWriter:
+    """Writes a new version file in ``tmp/``, rows streamed in order; :class:`StoreWriter` commits it."""
+
+    def __init__(self, store: "FeatureStore", n_rows: int, n_features: int):
+        import h5py
+
+        self.store = store
+        self.tmp_path = store.root / "tmp" / f"{uuid.uuid4().hex}.h5"
+        self.file = h5py.File(self.tmp_path, "w")
+        chunk_rows = max(1, min(n_rows, max(1, (1 << 20) // max(4 * n_features, 1))))
+        self.features = self.file.create_dataset(
+            "features", shape=(n_rows, n_features), dtype="float32",
+            chunks=(chunk_rows, n_features) if n_rows else None,
+            compression="gzip" if n_rows else None, compression_opts=1 if n_rows else None,
+            shuffle=bool(n_rows),
+        )
+        self.n_rows = n_rows
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self.features[start:start + len(rows)] = rows
+        pause_point("version")
+
+    def finish(self, table: dict, failures: list[dict], attrs: dict) -> None:
+        f = self.file
+        s = _str_dtype()
+        f.create_dataset("ids", data=np.array(table["ids"], dtype="S64"))
+        for name in ("paths", "class_names", "splits", "groups"):
+            f.create_dataset(name, data=_as_str_array(table[name]), dtype=s)
+        f.create_dataset("labels", data=np.asarray(table["labels"], dtype=np.int8))
+        f.create_dataset("truncated", data=np.asarray(table["truncated"], dtype=np.int8))
+        g = f.create_group("failures")
+        g.create_dataset("paths", data=_as_str_array([x["path"] for x in failures]), dtype=s)
+        g.create_dataset("ids", data=_as_str_array([x.get("id", "") for x in failures]), dtype=s)
+        g.create_dataset("reasons", data=_as_str_array([x["reason"] for x in failures]), dtype=s)
+        checksums = {name: dataset_sha256(f[name]) for name in _CHECKSUMMED}
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["checksums"] = json.dumps(checksums, sort_keys=True)
+        f.attrs["format"] = FORMAT_NAME
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["complete"] = 0  # set to 1 under the lock, just before the rename
+        self.file.close()
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except Exception:
+            pass
+        self.tmp_path.unlink(missing_ok=True)
+
+
+class StoreWriter:
+    """The write steps of a store, for the one process holding its writer lock.
+
+    Only ``with store.writer() as w:`` (:meth:`FeatureStore.writer`) makes one, with the lock taken,
+    the layout created and ``tmp/`` emptied; once the block is left every step raises StoreError.
+    ``extract``, in the block, reads the cache (:meth:`FeatureStore.cache_index`: under the lock,
+    what it finds stays true until the commit), then calls :meth:`write_checkpoint` as rows are
+    computed, :meth:`find_identical`, :meth:`write_version` (which numbers the version and finds its
+    parent, :meth:`latest_with_fingerprint`) and :meth:`remove_checkpoints`. The writer owns the
+    attributes of the version files (docs/store-format.md); :class:`FeatureStore` reads them.
+    """
+
+    def __init__(self, store: FeatureStore, key):
+        if key is not _WRITER_KEY:
+            raise TypeError("a StoreWriter comes only from `with store.writer() as w:`, which holds the store's lock")
+        self.store = store
+        self._held = True
+
+    def __repr__(self) -> str:
+        return f"StoreWriter({str(self.store.root)!r}{'' if self._held else ', released'})"
+
+    @_while_held
     def write_checkpoint(self, fingerprint: str, run_id: str, seq: int, ids, features: np.ndarray, truncated) -> Path:
         """Persist freshly computed rows atomically, so a killed run loses at most one checkpoint."""
         import h5py
 
-        cdir = self._checkpoint_dir(fingerprint)
+        cdir = self.store._checkpoint_dir(fingerprint)
         cdir.mkdir(parents=True, exist_ok=True)
         final = cdir / f"{run_id}-{seq:06d}.h5"
-        tmp = self.root / "tmp" / f"ckpt-{uuid.uuid4().hex}.h5"
+        tmp = self.store.root / "tmp" / f"ckpt-{uuid.uuid4().hex}.h5"
         with h5py.File(tmp, "w") as f:
             f.attrs["fingerprint"] = fingerprint
             f.create_dataset("ids", data=np.array(list(ids), dtype="S64"))
@@ -579,7 +682,58 @@ class FeatureStore:
         _fsync_dir(cdir)
         return final
 
-    def gather(self, locations) -> np.ndarray:
+    @_while_held
+    def find_identical(self, fingerprint: str, content_sha256: str) -> int | None:
+        """The latest version of ``fingerprint`` whose ``content_sha256`` is this one, or None."""
+        import h5py
+
+        for n in reversed(self.store.version_numbers()):
+            with h5py.File(self.store._version_path(n), "r") as f:
+                if f.attrs.get("fingerprint") == fingerprint and f.attrs.get("content_sha256") == content_sha256:
+                    return n
+        return None
+
+    @_while_held
+    def latest_with_fingerprint(self, fingerprint: str) -> int:
+        """The latest version made under ``fingerprint`` (0: none): a new version's parent."""
+        import h5py
+
+        for n in reversed(self.store.version_numbers()):
+            with h5py.File(self.store._version_path(n), "r") as f:
+                if f.attrs.get("fingerprint") == fingerprint:
+                    return n
+        return 0
+
+    @_while_held
+    def write_version(self, fingerprint: str, table: dict, failures: list[dict], provenance: dict,
+                      content_sha256: str, index: dict) -> int:
+        """Stream the rows of ``table`` from the cache into a new version file and commit it atomically.
+
+        ``table`` holds the row datasets (``ids``, ``paths``, ``labels``, ``class_names``, ``splits``,
+        ``groups``, ``truncated``), ``index`` is :meth:`FeatureStore.cache_index` with this run's
+        checkpoints added, ``provenance`` becomes the ``provenance`` attribute (with ``n_features``,
+        ``version`` and ``parent`` added). Returns the new version's number.
+        """
+        locations = [index[d] for d in table["ids"]]
+        n_features = self._gather(locations[:1]).shape[1]
+        rows_writer = RowWriter(self.store, len(locations), n_features)
+        try:
+            for start in range(0, len(locations), _ASSEMBLY_CHUNK):
+                rows = self._gather(locations[start:start + _ASSEMBLY_CHUNK])
+                if rows.shape[1] != n_features:
+                    raise ConfigError(f"cached rows disagree on feature width ({rows.shape[1]} vs {n_features}); "
+                                      f"the store at {self.store.root} is damaged: run verify")
+                rows_writer.write(start, rows)
+            provenance = {**provenance, "n_features": int(n_features)}
+            attrs = {"provenance": json.dumps(provenance, sort_keys=True, default=str), "fingerprint": fingerprint,
+                     "content_sha256": content_sha256, **{k: provenance[k] for k in _PROVENANCE_ATTRS}}
+            rows_writer.finish(table, failures, attrs)
+            return self._commit(rows_writer, fingerprint)
+        except BaseException:
+            rows_writer.abort()
+            raise
+
+    def _gather(self, locations) -> np.ndarray:
         """Feature rows at (file, row, ...) locations (as ``cache_index`` gives them), in the order given."""
         import h5py
 
@@ -588,7 +742,7 @@ class FeatureStore:
         for k, (p, row, *_) in enumerate(locations):
             by_file.setdefault(p, []).append((k, row))
         for p, items in by_file.items():
-            with self._damage_reported(Path(p)), h5py.File(p, "r") as f:
+            with self.store._damage_reported(Path(p)), h5py.File(p, "r") as f:
                 ds = f["features"]
                 if out is None:
                     out = np.empty((len(locations), ds.shape[1]), dtype=np.float32)
@@ -596,66 +750,45 @@ class FeatureStore:
                 out[ks] = read_rows(ds, np.array([r for _, r in items]))
         return out if out is not None else np.empty((0, 0), np.float32)
 
-    # -- writing --------------------------------------------------------------------------------
-    def find_identical(self, fingerprint: str, content_sha256: str) -> int | None:
+    def _commit(self, rows_writer: RowWriter, fingerprint: str) -> int:
+        """Number the finished tmp file and rename it into versions/."""
         import h5py
 
-        for n in reversed(self.version_numbers()):
-            with h5py.File(self._version_path(n), "r") as f:
-                if f.attrs.get("fingerprint") == fingerprint and f.attrs.get("content_sha256") == content_sha256:
-                    return n
-        return None
-
-    def latest_with_fingerprint(self, fingerprint: str) -> int:
-        import h5py
-
-        for n in reversed(self.version_numbers()):
-            with h5py.File(self._version_path(n), "r") as f:
-                if f.attrs.get("fingerprint") == fingerprint:
-                    return n
-        return 0
-
-    def begin_version(self, n_rows: int, n_features: int) -> RowWriter:
-        return RowWriter(self, n_rows, n_features)
-
-    def commit(self, writer: RowWriter, fingerprint: str) -> int:
-        """Number the finished tmp file and rename it into versions/ (caller holds the write lock)."""
-        import h5py
-
-        n = (self.version_numbers() or [0])[-1] + 1
+        n = (self.store.version_numbers() or [0])[-1] + 1
         parent = self.latest_with_fingerprint(fingerprint)
-        with h5py.File(writer.tmp_path, "r+") as f:
+        with h5py.File(rows_writer.tmp_path, "r+") as f:
             prov = json.loads(f.attrs["provenance"])
             prov.update(version=n, parent=parent)
             f.attrs["provenance"] = json.dumps(prov, sort_keys=True)
             f.attrs["version"] = n
             f.attrs["parent"] = parent
             f.attrs["complete"] = 1
-        _fsync_file(writer.tmp_path)
+        _fsync_file(rows_writer.tmp_path)
         pause_point("commit")
-        final = self._version_path(n)
-        clash = StoreError(f"{final} appeared while committing: another process wrote to {self.root} without "
+        final = self.store._version_path(n)
+        clash = StoreError(f"{final} appeared while committing: another process wrote to {self.store.root} without "
                            f"holding its lock (a network filesystem without working flock?); re-run extract")
         try:
             # A hard link never replaces an existing file, so even a writer that got past the lock
             # cannot overwrite a committed version.
-            os.link(writer.tmp_path, final)
+            os.link(rows_writer.tmp_path, final)
         except FileExistsError:
             raise clash from None
         except OSError:  # no hard links on this filesystem: check, then rename
             if final.exists():
                 raise clash from None
-            os.replace(writer.tmp_path, final)
+            os.replace(rows_writer.tmp_path, final)
         else:
-            writer.tmp_path.unlink()
-        _fsync_dir(self.versions_dir)
+            rows_writer.tmp_path.unlink()
+        _fsync_dir(self.store.versions_dir)
         return n
 
+    @_while_held
     def remove_checkpoints(self, fingerprint: str, covered_ids: set[str]) -> None:
         """Delete checkpoint files whose rows all live in a committed version now."""
         import h5py
 
-        cdir = self._checkpoint_dir(fingerprint)
+        cdir = self.store._checkpoint_dir(fingerprint)
         if not cdir.is_dir():
             return
         for p in cdir.glob("*.h5"):
@@ -666,14 +799,6 @@ class FeatureStore:
                 ids = set()
             if ids <= covered_ids:
                 p.unlink(missing_ok=True)
-
-    def clean_tmp(self) -> None:
-        """Remove leftovers of killed writers (caller holds the write lock)."""
-        tmp = self.root / "tmp"
-        if tmp.is_dir():
-            for p in tmp.iterdir():
-                if p.is_file():
-                    p.unlink(missing_ok=True)
 
 
 def _fsync_file(path: Path) -> None:

@@ -9,6 +9,7 @@ is checked against the recorded sha256 before the backbone is built.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import numpy as np
@@ -16,7 +17,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import FeatureUnion
 from sklearn.utils.validation import check_is_fitted
 
-from ._config import ExtractorConfig
+from ._config import ExtractorConfig, ExtractorSettings, settings_doc
+from ._engine import FeatureEngine, verified_weights
 from ._errors import ConfigError
 
 
@@ -25,19 +27,9 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
 
     Parameters
     ----------
-    backbone : {"vgg16", "resnet50", "efficientnetb2"}
     weights : "imagenet", path, or None
         Keras' ImageNet weights, a Keras weights file of the no-top model, or None for seeded random
         weights (tests).
-    image_size : int, optional
-        Square input size; the backbone's default when None.
-    pooling : {"avg", "max", "none"}
-    precision : {"auto", "float32", "bfloat16", "float16"}
-        A Pipeline made by :func:`fracfeat.fit` holds the precision its store version was made with,
-        never "auto", so its features equal the stored ones.
-    runtime : {"auto", "keras", "openvino"}
-    truncated : {"read", "reject"}
-        Truncated image files: decode what is there, or raise.
     weights_identity : str, optional
         The identity the weights must have (``"file:sha256:<hex>"``, ``"imagenet:sha256:<hex>"`` or
         ``"random:he-normal:seed=0"``). When set, ``weights`` is verified against it on first use and
@@ -46,14 +38,9 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         Images per forward pass.
     workers : int, optional
         Decoding threads.
-    tiles : int
-        Overlapping tiles per side, their features pooled by mean and max (see :func:`fracfeat.extract`).
-    scales : sequence of int, optional
-        Input sizes whose features are concatenated (see :func:`fracfeat.extract`).
-    layers : sequence of str, optional
-        Intermediate layers whose pooled outputs precede the final ones (see :func:`fracfeat.extract`).
-    view : str, optional
-        An augmented view of each image ("hflip", "rot+10", "crop0.8"; see :func:`fracfeat.extract`).
+{settings}
+        A Pipeline made by :func:`fracfeat.fit` holds the settings its store version was made with
+        (precision and runtime resolved, never "auto"), so its features equal the stored ones.
 
     Attributes
     ----------
@@ -66,6 +53,10 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
 
     Notes
     -----
+    The parameters are ``backbone``, ``weights``, then every field of :class:`fracfeat.ExtractorSettings`,
+    then ``weights_identity``, ``batch_size`` and ``workers``: ``__init__`` takes its signature from the
+    settings type, so a new extractor option is a parameter here with nothing to add.
+
     scikit-learn's ``estimator_checks`` are run in ``tests/test_transformer.py``: the API checks pass
     (clone, get/set_params, no work in ``__init__``, fit returns self, unfitted errors...); the checks
     that feed numeric tables to ``transform`` or expect ``fit`` to validate one are listed there
@@ -81,23 +72,19 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
     (2, 512)
     """
 
-    def __init__(self, backbone="vgg16", weights="imagenet", image_size=None, pooling="avg", precision="auto",
-                 runtime="auto", truncated="read", weights_identity=None, batch_size=32, workers=None, tiles=1,
-                 scales=None, layers=None, view=None):
-        self.backbone = backbone
-        self.weights = weights
-        self.image_size = image_size
-        self.pooling = pooling
-        self.precision = precision
-        self.runtime = runtime
-        self.truncated = truncated
-        self.weights_identity = weights_identity
-        self.batch_size = batch_size
-        self.workers = workers
-        self.tiles = tiles
-        self.scales = scales
-        self.layers = layers
-        self.view = view
+    def __init__(self, *args, **kwargs):
+        bound = DeepFeatures.__init__.__signature__.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for name, value in list(bound.arguments.items())[1:]:
+            setattr(self, name, value)
+
+    def __setstate__(self, state):
+        # A model saved before a setting existed lacks its attribute: it was made at the setting's default.
+        super().__setstate__({**_DEFAULTS, **state})
+
+    def settings(self) -> ExtractorSettings:
+        """This transformer's extractor settings, as given ("auto" allowed)."""
+        return ExtractorSettings(**{name: getattr(self, name) for name in ExtractorSettings.names()})
 
     @classmethod
     def from_provenance(cls, provenance: dict, weights=None, **params) -> "DeepFeatures":
@@ -112,17 +99,12 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         **params
             Other parameters (``batch_size``, ``workers``).
         """
-        from ._engine import config_from_provenance
-
-        config = config_from_provenance(provenance)
+        config = ExtractorConfig.from_provenance(provenance)
         if weights is None:
             kind = provenance.get("weights_kind", "")
             weights = {"random": None, "imagenet": provenance.get("weights_path") or "imagenet"}.get(
                 kind, provenance.get("weights_path") or None)
-        deep = cls(backbone=config.backbone, weights=weights, image_size=config.image_size, pooling=config.pooling,
-                   precision=config.precision, runtime=config.runtime, truncated=config.truncated,
-                   weights_identity=config.weights, tiles=config.tiles, scales=config.scales or None,
-                   layers=config.layers or None, view=config.view or None, **params)
+        deep = cls(weights=weights, weights_identity=config.weights, **vars(config.settings()), **params)
         deep.fit()
         if deep.fingerprint_ != config.fingerprint:
             raise ConfigError(
@@ -145,29 +127,10 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        from ._engine import choose_precision_and_runtime, resolve_extractor
-        from ._config import validate_detail, validate_layers, validate_settings
-        from ._views import check_view
-
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size!r}: give a positive integer")
-        if self.weights_identity is None:
-            config, _ = resolve_extractor(self.backbone, self.weights, self.image_size, self.pooling,
-                                          self.precision, self.runtime, self.truncated, self.tiles, self.scales,
-                                          self.layers, self.view)
-        else:
-            spec, size, pool, prec, rt, tr = validate_settings(self.backbone, self.image_size, self.pooling,
-                                                               self.precision, self.runtime, self.truncated)
-            size, tiles, scales = validate_detail(spec, size, self.tiles, self.scales)
-            layers = validate_layers(spec, pool, self.layers)
-            view = check_view(self.view)
-            prec, rt = choose_precision_and_runtime(spec, prec, rt)
-            config = ExtractorConfig(backbone=spec.name, image_size=size, pooling=pool,
-                                     preprocessing=spec.preprocessing, weights=str(self.weights_identity),
-                                     precision=prec, runtime=rt, truncated=tr, tiles=tiles, scales=scales,
-                                     layers=layers, view=view)
-        self.config_ = config
-        self.fingerprint_ = config.fingerprint
+        self.config_, _ = self.settings().resolve(self.weights, weights_identity=self.weights_identity)
+        self.fingerprint_ = self.config_.fingerprint
         self._engine = None
         return self
 
@@ -195,15 +158,8 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         if kind == "paths":
             feats, _, _ = self.features_of_paths(items, strict=True)
             return feats
-        from ._images import pixels_from_array
-
-        size = self.config_.decode_size
-        engine = self.engine()
-        out = []
-        for start in range(0, len(items), self.batch_size):
-            batch = np.stack([pixels_from_array(im, size, self.config_.view)
-                              for im in items[start:start + self.batch_size]])
-            out.append(engine.forward(batch))
+        batches = self.engine().iter_array_features(items, batch_size=self.batch_size, workers=self.workers)
+        out = [batch.features for batch in batches]
         return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 
     def features_of_paths(self, paths, strict=False):
@@ -228,8 +184,6 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         """The feature engine, built (and its weights verified) on first use."""
         check_is_fitted(self, "config_")
         if getattr(self, "_engine", None) is None:
-            from ._engine import FeatureEngine, verified_weights
-
             self._engine = FeatureEngine(self.config_, verified_weights(self.config_, self.weights))
         return self._engine
 
@@ -248,6 +202,22 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = []
         tags.non_deterministic = False
         return tags
+
+
+def _init_signature() -> inspect.Signature:
+    """``(self, backbone, weights, <the other ExtractorSettings fields>, weights_identity, batch_size, workers)``."""
+    P = inspect.Parameter
+    first, *rest = ExtractorSettings.options()
+    own = (("weights_identity", None), ("batch_size", 32), ("workers", None))
+    named = [(first.name, first.default), ("weights", "imagenet"), *((f.name, f.default) for f in rest), *own]
+    return inspect.Signature([P("self", P.POSITIONAL_OR_KEYWORD),
+                              *(P(name, P.POSITIONAL_OR_KEYWORD, default=default) for name, default in named)])
+
+
+# scikit-learn reads an estimator's parameters off its __init__ signature (get_params, clone, set_params).
+DeepFeatures.__init__.__signature__ = _init_signature()
+DeepFeatures.__doc__ = DeepFeatures.__doc__.replace("{settings}", settings_doc())
+_DEFAULTS = {name: p.default for name, p in list(DeepFeatures.__init__.__signature__.parameters.items())[1:]}
 
 
 def _as_images(X):
@@ -324,6 +294,16 @@ class JoinedFeatures(FeatureUnion):
                 failures.setdefault(position, reason)
         X = np.hstack(blocks).astype(np.float32, copy=False)
         return X, np.asarray(readable, np.int64), sorted(failures.items())
+
+
+def feature_step(parts, weights=None):
+    """A Pipeline's first step for features made of ``parts`` (:attr:`FeatureSet.parts`): a DeepFeatures
+    for one part, a JoinedFeatures of one per part for joined features; each makes its part's features
+    from the image exactly as its store version holds them."""
+    extractors = [DeepFeatures.from_provenance(part.provenance, weights=weights) for part in parts]
+    if len(extractors) == 1:
+        return extractors[0]
+    return JoinedFeatures([(f"part{i}", d) for i, d in enumerate(extractors, 1)])
 
 
 def feature_parts(step) -> list:

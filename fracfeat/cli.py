@@ -11,6 +11,7 @@ defaults apply, or a ``--preset``'s settings, which options given on the command
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
 import json
 import logging
@@ -18,36 +19,41 @@ import os
 import sys
 from dataclasses import asdict
 
+from ._config import ExtractorSettings
+from ._errors import FracfeatError, StoreError
+from ._extract import extract
 from ._fit import fit
+from ._metrics import evaluate
+from ._model_io import load_model, save_model
+from ._plots import format_value
+from ._predict import predict
+from ._presets import presets
+from ._report import report
 from ._run import run
+from ._store import FeatureStore, version_list
+from ._version import __version__
 
 log = logging.getLogger("fracfeat")
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
-_VERSION_WORDS = ("latest",)
-
-
 # -- shared helpers --------------------------------------------------------------------------------
 
 def split_store_ref(text: str) -> tuple[str, str]:
     """``"DIR@3"`` -> ``("DIR", "3")``; ``"DIR@2+3"`` -> ``("DIR", "2+3")`` (joined); ``"DIR"`` -> ``("DIR", "latest")``.
 
-    Only a suffix that reads as a version (``3``, ``v3``, ``2+3``, ``latest``) is split off, so paths
-    that contain ``@`` elsewhere keep working.
+    Only a suffix that reads as a version (:func:`fracfeat._store.version_list`: ``3``, ``v3``, ``2+3``,
+    ``latest``) is split off, so paths that contain ``@`` elsewhere keep working.
     """
     head, sep, tail = str(text).rpartition("@")
-    if sep and head and (tail.lower() in _VERSION_WORDS
-                         or all(v.strip().lstrip("vV").isdigit() for v in tail.split("+"))):
+    if sep and head and version_list(tail) is not None:
         return head, tail
     return str(text), "latest"
 
 
 def open_store(path):
     """The FeatureStore at ``path``, or a StoreError saying there is none."""
-    from . import FeatureStore, StoreError
-
     store = FeatureStore(path)
     if not store.exists():
         if not os.path.exists(path):
@@ -71,41 +77,35 @@ def _add_preset_option(p: argparse.ArgumentParser, settings: str) -> None:
                         f"them); options given here win over the preset's")
 
 
-def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | None = "fracfeat-store") -> None:
-    """Options every command that computes features takes (extract, run)."""
+def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | None = "fracfeat-store",
+                         views: bool = True) -> None:
+    """Options every command that computes features takes (extract, run): one per extractor setting
+    (:class:`fracfeat.ExtractorSettings`, its help and spelling from the field), and extract's own.
+
+    ``views=False`` leaves out the settings that make an augmented view (``run`` takes views as ``--augment``).
+    """
     g = p.add_argument_group("feature extraction")
-    g.add_argument("--backbone", default=None, help="vgg16, resnet50 or efficientnetb2 (default: vgg16)")
+    for f in ExtractorSettings.options():
+        meta = f.metadata
+        if meta["view"] and not views:
+            continue
+        g.add_argument(f"--{f.name.replace('_', '-')}", default=None, type=meta["cli_type"], metavar=meta["metavar"],
+                       choices=meta["choices"],
+                       help=meta["help"] + ("" if f.default is None else f" (default: {f.default})"))
     if store_default is not None:
         g.add_argument("--store", default=store_default, help=f"feature store folder (default: {store_default})")
     g.add_argument("--weights", default=None,
                    help="'imagenet' (Keras' download), a Keras no-top weights file, or 'none' for random weights "
                         "(default: imagenet)")
-    g.add_argument("--image-size", type=int, default=None, metavar="N",
-                   help="square input size in pixels (default: the backbone's, e.g. 224)")
-    g.add_argument("--pooling", default=None, help="avg, max or none (default: avg)")
-    g.add_argument("--tiles", type=int, default=None, metavar="N",
-                   help="keep small detail: N x N overlapping tiles at higher resolution, features pooled by mean "
-                        "and max (default: 1, the whole image once)")
-    g.add_argument("--scales", default=None, metavar="S1,S2",
-                   help="multi-scale: concatenate features at these input sizes, e.g. 224,448")
-    g.add_argument("--layers", default=None, metavar="L1,L2",
-                   help="multi-layer: put these intermediate layers, pooled, before the final features, e.g. "
-                        "block3_pool,block4_pool for vgg16, or 'all' (needs --pooling avg or max)")
     g.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per forward pass (default: chosen for the hardware)")
-    g.add_argument("--precision", default=None, help="auto, float32, bfloat16 or float16 (default: auto)")
-    g.add_argument("--runtime", default=None, help="auto, keras or openvino (default: auto)")
-    g.add_argument("--truncated", default=None, choices=("read", "reject"),
-                   help="truncated image files: read what is there (flagged per row) or record them as failures "
-                        "(default: read)")
     g.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first unreadable image (default: record it as a failure and go on)")
 
 
 def _extract_kwargs(args) -> dict:
-    return {**_given(backbone=args.backbone, weights=args.weights, image_size=args.image_size, pooling=args.pooling,
-                     tiles=args.tiles, scales=args.scales, layers=args.layers, batch_size=args.batch_size,
-                     precision=args.precision, runtime=args.runtime, truncated=args.truncated, strict=args.strict,
+    settings = {name: getattr(args, name, None) for name in ExtractorSettings.names()}
+    return {**_given(**settings, weights=args.weights, batch_size=args.batch_size, strict=args.strict,
                      preset=args.preset),
             "progress": not args.quiet}
 
@@ -113,15 +113,15 @@ def _extract_kwargs(args) -> dict:
 # -- extract -----------------------------------------------------------------------------------------
 
 def cmd_extract(args) -> int:
-    fs, new = _extract(args.source, args.store, args, description=args.description, **_given(view=args.view))
-    parts = fs.provenance.get("parts") or [{**fs.provenance, "version": fs.version, "n_features": fs.n_features}]
-    for prov in parts:
-        how = (f"{prov.get('n_computed', 0)} computed, {prov.get('n_reused', 0)} from cache" if prov["version"] in new
+    fs = _extract(args.source, args.store, args, description=args.description)
+    for part in fs.parts:
+        prov = part.provenance
+        how = (f"{prov.get('n_computed', 0)} computed, {prov.get('n_reused', 0)} from cache" if prov["new_version"]
                else "unchanged: every image was in the cache")
         view = f"  view {prov['view']}" if prov.get("view") else ""
-        print(f"{args.store}: v{prov['version']}{view}  {len(fs)} images x {prov['n_features']} features  ({how}, "
+        print(f"{args.store}: v{part.version}{view}  {len(fs)} images x {part.n_features} features  ({how}, "
               f"{len(fs.failures)} failed)")
-    if len(parts) > 1:
+    if fs.is_joined:
         print(f"{args.store}: joined v{fs.version_label}  {len(fs)} images x {fs.n_features} features (fit it as "
               f"{args.store}@{fs.version_label})")
     if fs.failures:
@@ -134,12 +134,8 @@ def cmd_extract(args) -> int:
 
 
 def _extract(source, store, args, **kwargs):
-    """extract() with the CLI's options; also the new versions it wrote (none when all were there)."""
-    from . import FeatureStore, extract
-
-    before = {v.version for v in FeatureStore(store).versions()}
-    fs = extract(source, store=store, **_extract_kwargs(args), **kwargs)
-    return fs, {v.version for v in FeatureStore(store).versions()} - before
+    """extract() with the CLI's options."""
+    return extract(source, store=store, **_extract_kwargs(args), **kwargs)
 
 
 # -- store ---------------------------------------------------------------------------------------------
@@ -235,29 +231,16 @@ def _tuning_kwargs(args) -> dict:
     return {**options, "progress": not args.quiet}
 
 
-def _save_model(pipeline, path) -> None:
-    import joblib
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    joblib.dump(pipeline, tmp)
-    os.replace(tmp, path)  # a killed save never leaves half a model under the final name
-
-
 _SHOWN_METRICS = ("n", "roc_auc", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "pr_auc")
 
 
 def _print_metrics(metrics: dict) -> None:
     """A metric-by-split table on stdout."""
-    from ._report import _fmt
-
     splits = list(metrics)
     print("metric".ljust(18) + "".join(s.rjust(10) for s in splits))
     for key in _SHOWN_METRICS:
         values = [metrics[s].get(key) for s in splits]
-        print(key.ljust(18) + "".join(("n/a" if v is None else _fmt(v)).rjust(10) for v in values))
+        print(key.ljust(18) + "".join(("n/a" if v is None else format_value(v)).rjust(10) for v in values))
 
 
 def _view_version(store, ref: str):
@@ -274,7 +257,7 @@ def cmd_fit(args) -> int:
     store = open_store(path)
     augment = [_view_version(store, ref) for ref in (args.augment or "").split(",") if ref.strip()]
     result = fit(store, version=version, augment=augment, **_tuning_kwargs(args))
-    _save_model(result.pipeline, args.out)
+    save_model(result.pipeline, args.out)
     held = "  ".join(f"{k} {result.scoring} {v:.4f}" for k, v in result.scores.items() if k != "cv" and v is not None)
     print(f"{result.classifier}: CV {result.scoring} {result.cv_score:.4f}{'  ' + held if held else ''}  "
           f"({result.trials.get('complete', 0)} trials complete, {result.trials.get('pruned', 0)} pruned; "
@@ -289,8 +272,6 @@ def cmd_fit(args) -> int:
 
 def _data_arg(text: str):
     """A store reference (``DIR[@VERSION]`` of an existing store) or an image source, as evaluate takes it."""
-    from . import FeatureStore
-
     path, version = split_store_ref(text)
     if FeatureStore(path).exists():
         return path, version
@@ -298,13 +279,9 @@ def _data_arg(text: str):
 
 
 def cmd_evaluate(args) -> int:
-    from . import evaluate, load_model
-
     model = load_model(args.model)
     data, version = _data_arg(args.data)
     if args.report:
-        from . import report
-
         study = None
         if args.storage:
             import optuna
@@ -325,20 +302,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from . import load_model
-
-    pipeline = load_model(args.model)
-    paths = [os.fspath(p) for p in args.images]
-    proba = pipeline.predict_proba(paths)[:, 1]
-    labels = pipeline.predict(paths)
-    names = ("not_fractured", "fractured")
-    rows = [{"path": p, "probability": round(float(q), 6), "label": names[int(k)]}
-            for p, q, k in zip(paths, proba, labels)]
+    rows = predict(args.model, args.images)
     if args.format == "json":
         _print_json(rows)
     else:
-        import csv
-
         writer = csv.DictWriter(sys.stdout, fieldnames=["path", "probability", "label"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -347,8 +314,8 @@ def cmd_predict(args) -> int:
 
 def cmd_run(args) -> int:
     options = {**_extract_kwargs(args), **_tuning_kwargs(args)}  # both carry progress=
-    result = run(args.source, args.out, store=args.store, test_size=args.test_size, **options,
-                 **_given(augment=args.augment))
+    result = run(args.source, args.out, store=args.store, **options,
+                 **_given(augment=args.augment, test_size=args.test_size))
     print(f"held out: {result.holdout}")
     _print_metrics(result.metrics)
     print(f"model: {result.model_path}")
@@ -357,8 +324,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from . import presets
-
     table = presets()
     if args.json:
         _print_json([p.as_dict() for p in table.values()])
@@ -383,30 +348,18 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
-
-    common = _common_options(suppress=True)
-    parser = argparse.ArgumentParser(
-        prog="fracfeat", parents=[_common_options(suppress=False)],
-        description="Fracture classification on bone radiographs: deep CNN features in a versioned store, "
-                    "Optuna-tuned scikit-learn classifiers, reports.",
-    )
-    parser.add_argument("--version", action="version", version=f"fracfeat {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_extract_command(sub, common) -> None:
     p = sub.add_parser("extract", parents=[common], help="compute CNN features of images into a store version",
                        description="Compute deep features of every image of SOURCE into a new version of the "
                                    "feature store (images already in the store's cache are not recomputed).")
     p.add_argument("source", help="folder of class folders (or train/val/test folders), CSV manifest, or image file")
     _add_extract_options(p)
-    p.add_argument("--view", default=None, metavar="VIEW",
-                   help="an augmented view of every image, as its own store entry, for `fit --augment`: hflip, "
-                        "rot+N / rot-N (degrees), or cropF (central fraction, e.g. crop0.8)")
     _add_preset_option(p, "extractor")
     p.add_argument("--description", default="", help="free text kept in the version's provenance")
     p.set_defaults(func=cmd_extract)
 
+
+def _add_store_command(sub, common) -> None:
     ps = sub.add_parser("store", parents=[common], help="list, show, diff or verify a feature store",
                         description="Inspect a feature store.")
     store_sub = ps.add_subparsers(dest="store_command", metavar="ACTION", required=True)
@@ -432,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         for add_option in options:
             add_option(q)
         q.set_defaults(func=func)
+
+
+def _add_fit_command(sub, common) -> None:
     p = sub.add_parser("fit", parents=[common], help="tune a classifier on a store version with Optuna; save it",
                        description="Tune a classifier on the labeled rows of a store version (grouped CV when the "
                                    "rows have groups; train split only when they have splits) and save the "
@@ -446,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preset_option(p, "tuning")
     p.set_defaults(func=cmd_fit)
 
+
+def _add_evaluate_command(sub, common) -> None:
     p = sub.add_parser("evaluate", parents=[common], help="metrics (and an HTML report) of a model on labeled data",
                        description="Score a saved model on labeled images or store rows: per-split metrics, and "
                                    "with --report an HTML page of plots.")
@@ -459,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     _json_option(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict_command(sub, common) -> None:
     p = sub.add_parser("predict", parents=[common], help="probability of a fracture for each image",
                        description="Print path, probability of a fracture, and predicted label of each image.")
     p.add_argument("model", help="model file (.joblib)")
@@ -466,30 +426,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: csv)")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_run_command(sub, common) -> None:
+    d = {name: param.default for name, param in inspect.signature(run).parameters.items()}
     p = sub.add_parser("run", parents=[common], help="the main job: extract, tune, evaluate on held-out images, report",
                        description="Extract features of SOURCE, tune a classifier on the training images, "
                                    "evaluate it on held-out images (the source's test split, else a grouped "
                                    "stratified hold-out), and save OUT/model.joblib and OUT/report/index.html. "
-                                   "The default budget, 30 trials of the RBF SVM, tuned all 4,083 FracAtlas "
-                                   "images in under a minute on 2 cores (50 trials of --classifier auto: 47 "
-                                   "minutes); --trials, --timeout and --classifier go further.")
+                                   f"The default budget, {d['n_trials']} trials of {d['classifier']}, tuned all "
+                                   "4,083 FracAtlas images in under 7 minutes on 2 cores (50 trials of "
+                                   "--classifier auto: 47 minutes; 30 of svm: under a minute); --trials, "
+                                   "--timeout and --classifier go further.")
     p.add_argument("source", help="labeled images: class folders, train/val/test folders, or a CSV manifest")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    _add_extract_options(p, store_default=None)
+    _add_extract_options(p, store_default=None, views=False)
     p.add_argument("--store", default=None, help="feature store folder (default: OUT/store)")
     _add_tuning_options(p, run)
-    p.add_argument("--test-size", type=float, default=0.2, help="share held out when the source has no test split")
+    p.add_argument("--test-size", type=float, default=None,
+                   help=f"share held out when the source has no test split (default: {d['test_size']})")
     p.add_argument("--augment", default=None, metavar="VIEW[,VIEW]",
                    help="also extract these augmented views of every image (hflip, rot+N, rot-N, cropF) and train "
                         "on the training images' views too; held-out images and the model use the originals")
     _add_preset_option(p, "extractor and tuning")
     p.set_defaults(func=cmd_run)
 
+
+def _add_presets_command(sub, common) -> None:
     p = sub.add_parser("presets", parents=[common], help="list the named presets (--preset NAME)",
                        description="List the named presets: settings measured by benchmarks/accuracy.py that "
                                    "extract, fit and run take as --preset NAME.")
     _json_option(p)
     p.set_defaults(func=cmd_presets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="fracfeat", parents=[_common_options(suppress=False)],
+        description="Fracture classification on bone radiographs: deep CNN features in a versioned store, "
+                    "Optuna-tuned scikit-learn classifiers, reports.",
+    )
+    parser.add_argument("--version", action="version", version=f"fracfeat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in (_add_extract_command, _add_store_command, _add_fit_command, _add_evaluate_command,
+                        _add_predict_command, _add_run_command, _add_presets_command):
+        add_command(sub, common)
     return parser
 
 
@@ -522,8 +503,6 @@ def _one_line(message) -> str:
 
 def main(argv=None) -> int:
     """Run the ``fracfeat`` command line; returns the process exit status."""
-    from ._errors import FracfeatError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.quiet, args.verbose)

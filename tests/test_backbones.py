@@ -21,7 +21,8 @@ from fracfeat._backbones import (
     resolve_pooling,
     resolve_weights,
 )
-from fracfeat._engine import FeatureEngine, resolve_extractor
+from fracfeat._engine import FeatureEngine
+from fracfeat._config import resolve_extractor
 from fracfeat._images import load_image
 
 # Final convolution channels of each no-top backbone, and its total stride.

@@ -59,7 +59,7 @@ def test_two_writers_queue_a_third_times_out_and_readers_see_complete_versions(f
 
 
 def test_store_left_half_created_by_a_killed_process_is_usable(fracatlas, tmp_path):
-    """A process killed inside FeatureStore.create() leaves the layout folders without the marker file."""
+    """A process killed while FeatureStore.writer() creates the layout leaves its folders without the marker file."""
     root = tmp_path / "store"
     for d in ("versions", "tmp", "checkpoints"):
         (root / d).mkdir(parents=True)
@@ -106,7 +106,7 @@ def test_file_changed_after_hashing_is_not_stored_under_its_old_hash(fracatlas, 
     logging.getLogger("fracfeat").setLevel(logging.INFO)
     result = {}
     try:
-        with FeatureStore(store.root).write_lock():  # another writer holds the store
+        with FeatureStore(store.root).writer():  # another writer holds the store
             worker = threading.Thread(target=lambda: result.update(fs=extract(folder, store=store.root, **SETTINGS)))
             worker.start()
             assert waiting.wait(120), "extract never waited for the lock"

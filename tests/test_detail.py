@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY
 from fracfeat import ConfigError, DeepFeatures, FeatureStore, extract
 from fracfeat._config import ExtractorConfig
-from fracfeat._engine import resolve_extractor
+from fracfeat._config import resolve_extractor
 from fracfeat._images import load_image, pixels_from_array
 
 KERAS = dict(TINY, runtime="keras", precision="float32")  # one runtime throughout: exact comparisons

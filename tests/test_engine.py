@@ -1,4 +1,5 @@
-"""The engine's fast paths: same features as float32 Keras, choice of path, fingerprints, OpenVINO cache."""
+"""The engine's fast paths: same features as float32 Keras, choice of path, fingerprints, OpenVINO cache,
+and features that no batch size can change."""
 
 from __future__ import annotations
 
@@ -10,15 +11,12 @@ import sys
 import numpy as np
 import pytest
 
+from fracfeat import DeepFeatures
 from fracfeat._backbones import backbone_spec
-from fracfeat._engine import (
-    FeatureEngine,
-    Hardware,
-    choose_precision_and_runtime,
-    preferred_batch_size,
-    resolve_extractor,
-)
+from fracfeat._config import resolve_extractor
+from fracfeat._engine import FeatureEngine
 from fracfeat._errors import MissingDependencyError
+from fracfeat._hardware import Hardware, choose_precision_and_runtime, keras_chunk_size, preferred_batch_size
 from fracfeat._images import load_image
 
 # Small inputs keep these real-backbone tests in seconds; 64 px is above every backbone's minimum.
@@ -200,7 +198,7 @@ def test_openvino_model_is_cached_per_fingerprint_and_gives_the_same_features(tm
 
 
 def test_choosing_a_path_on_a_cpu_does_not_import_tensorflow(subprocess_env, python):
-    code = ("import sys; from fracfeat._engine import resolve_extractor; "
+    code = ("import sys; from fracfeat._config import resolve_extractor; "
             "c, _ = resolve_extractor('resnet50', None, 32); "
             "print(c.precision, c.runtime, 'tensorflow' in sys.modules)")
     out = subprocess.run([python, "-c", code], env=subprocess_env, capture_output=True, text=True, check=True)
@@ -225,3 +223,64 @@ def test_extract_from_a_cached_openvino_model_never_imports_tensorflow(class_fol
     first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
     assert first[:3] == second[:3] and first[0] == "openvino" and first[1] and first[2]
     assert first[3] is True and second[3] is False  # converted once, then read from the cache
+
+
+# Every (precision, runtime) a CPU can run; bfloat16 works on any x86-64 CPU (emulated, slower, without hardware support).
+CPU_PATHS = [("float32", "keras"), ("bfloat16", "keras"), ("float32", "openvino"), ("bfloat16", "openvino")]
+
+
+@pytest.fixture(scope="module")
+def seven_files(real_images) -> list[str]:
+    return [str(p) for p in real_images["fractured"][:4] + real_images["not_fractured"][:3]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, runtime", CPU_PATHS)
+def test_features_do_not_depend_on_the_batch_size(precision, runtime, seven_files):
+    # ResNet50: float32 Keras gave other last bits for 1 image a call than for 3 or 7 before every
+    # call ran at one fixed shape, so extract (batch 32, 256 on a GPU) and a Pipeline disagreed.
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    config, resolved = resolve_extractor("resnet50", None, SIZE, precision=precision, runtime=runtime)
+    engine = FeatureEngine(config, resolved)
+    features = {}
+    for batch_size in (1, 3, 32):
+        batches = list(engine.iter_features(seven_files, batch_size=batch_size))
+        assert [len(b.indices) for b in batches][0] == min(batch_size, 7)
+        features[batch_size] = np.concatenate([b.features for b in batches])
+    assert features[32].shape == (7, 2048) and np.abs(features[32]).sum() > 0
+    for batch_size in (1, 3):
+        np.testing.assert_array_equal(features[batch_size], features[32], err_msg=f"batch_size={batch_size}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["keras", "openvino"])
+def test_deep_features_give_arrays_and_their_files_the_same_features(runtime, seven_files):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    deep = DeepFeatures("resnet50", weights=None, image_size=SIZE, precision="float32", runtime=runtime,
+                        batch_size=32).fit()
+    from_files = deep.transform(seven_files)
+    arrays = np.stack([load_image(p, SIZE).pixels for p in seven_files])
+    np.testing.assert_array_equal(deep.transform(arrays), from_files)
+    deep.set_params(batch_size=3)  # the same engine, other batches
+    np.testing.assert_array_equal(deep.transform(list(arrays)), from_files)
+    np.testing.assert_array_equal(deep.transform(seven_files), from_files)
+
+
+@pytest.mark.parametrize("runtime", ["keras", "openvino"])
+def test_an_image_gets_the_same_features_anywhere_in_any_call(runtime, radiographs):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    config, resolved = resolve_extractor("vgg16", None, SIZE, precision="float32", runtime=runtime)
+    engine = FeatureEngine(config, resolved)
+    chunk = engine.runner.chunk_size  # Keras' compiled graph takes exactly this many images, no other batch
+    copies = np.arange(chunk + 3) % len(radiographs)  # the 4 images over and over: more than one chunk, the last padded
+    every = engine.forward(radiographs[copies])
+    assert every.shape == (chunk + 3, 512)
+    np.testing.assert_array_equal(every, every[:4][copies])
+    np.testing.assert_array_equal(engine.forward(radiographs[3:]), every[3:4])
+
+
+def test_keras_chunks_are_wider_on_a_gpu_only():
+    assert keras_chunk_size(GPU_BF16) == keras_chunk_size(GPU_OLD) > keras_chunk_size(CPU) == keras_chunk_size(CPU_BF16)

@@ -134,7 +134,7 @@ def test_a_preset_can_join_extractors_and_fit_checks_the_parts(joined, tmp_path)
     preset = _joined_preset()
     made = extract(paths, labels=labels, store=store.root, preset=preset, weights=None, progress=False)
     assert made.version_label == "1+2"  # the preset's parts are the cached versions
-    check_features(preset, made.provenance)
+    check_features(preset, made)
     assert isinstance(fit(made, preset=preset, progress=False).pipeline[0], JoinedFeatures)
     with pytest.raises(ConfigError, match="joins the features of 2 extractor.*these features come from 1"):
         fit(store.open(2), preset=preset, progress=False)

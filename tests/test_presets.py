@@ -11,7 +11,7 @@ import pytest
 
 import fracfeat
 from fracfeat import ConfigError, Preset, extract, fit, run
-from fracfeat._engine import resolve_extractor
+from fracfeat._config import resolve_extractor
 from fracfeat._extract import join_parts
 from fracfeat._fit import check_tuning
 from fracfeat._presets import PRESETS

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fracfeat._report import operating_point, param_importances, worst_first, write_report
+from fracfeat._plots import operating_point, param_importances, worst_first
+from fracfeat._report import write_report
 
 
 def small_study(n_trials=8):

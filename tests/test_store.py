@@ -247,3 +247,20 @@ def test_diff_with_exact_duplicates_counts_each_row(tmp_path, real_images):
     assert d.removed == [str(img / "a_copy.jpg")]
     assert d.added == [str(img / "b_copy.jpg")]
     assert d.moved == [] and d.relabeled == []
+
+
+def test_writes_go_through_a_writer_that_lives_only_inside_its_block(tmp_path):
+    """FeatureStore only reads; its writer holds the lock, makes the layout, and refuses to write once left."""
+    from fracfeat._store import StoreWriter
+
+    store = FeatureStore(tmp_path / "store")
+    assert not any(hasattr(store, name) for name in ("write_lock", "create", "commit", "write_checkpoint"))
+    (tmp_path / "store" / "tmp").mkdir(parents=True)
+    (tmp_path / "store" / "tmp" / "leftover.h5").write_text("killed writer")
+    with store.writer() as w:
+        assert store.exists() and list((store.root / "tmp").iterdir()) == []
+        assert w.latest_with_fingerprint("f" * 64) == 0 and w.find_identical("f" * 64, "c" * 64) is None
+    with pytest.raises(StoreError, match=r"StoreWriter.remove_checkpoints .* outside its `with store.writer\(\)"):
+        w.remove_checkpoints("f" * 64, set())
+    with pytest.raises(TypeError, match="only from `with store.writer"):
+        StoreWriter(store, None)

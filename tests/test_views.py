@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import TINY, manifest_rows
 from fracfeat import ConfigError, DeepFeatures, FeatureStore, extract, fit
-from fracfeat._engine import resolve_extractor
+from fracfeat._config import resolve_extractor
 from fracfeat._images import load_image, pixels_from_array
 from fracfeat._views import check_view
 
