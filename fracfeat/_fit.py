@@ -407,6 +407,7 @@ def fit(
 
     alarms = _ranking_alarms(scoring, scores, y, held_out)
     pipeline = _with_feature_step(head, fs, weights)
+    pipeline.outside_training_ = _shift_alarm(X, data)
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)}
     result = FitResult(
@@ -420,6 +421,17 @@ def fit(
     )
     log.info("%r", result)
     return result
+
+
+def _shift_alarm(X, data: FeatureSet):
+    """The Pipeline's shift alarm, fitted on the training rows (None, with a note, when they are too few)."""
+    from ._shift import OutsideTraining
+
+    try:
+        return OutsideTraining().fit(X, groups=data.groups if data.has_groups else None)
+    except ConfigError as e:
+        log.info("no shift alarm in this model: %s", e)
+        return None
 
 
 def _tuning_rows(fs: FeatureSet) -> tuple[FeatureSet, dict]:

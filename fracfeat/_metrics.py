@@ -20,7 +20,7 @@ log = logging.getLogger("fracfeat")
 METRIC_KEYS = (
     "n", "n_positive", "n_negative", "n_failed",
     "accuracy", "balanced_accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
-    "roc_auc", "pr_auc", "cohen_kappa", "confusion_matrix", "classification_report",
+    "roc_auc", "pr_auc", "cohen_kappa", "confusion_matrix", "classification_report", "outside_training",
 )
 
 
@@ -70,6 +70,7 @@ def binary_metrics(y_true, y_pred, score, class_names=("not_fractured", "fractur
         "confusion_matrix": [[tn, fp], [fn, tp]],
         "classification_report": m.classification_report(
             y_true, y_pred, labels=[0, 1], target_names=list(class_names), output_dict=True, zero_division=0),
+        "outside_training": None,  # share flagged by the model's shift alarm: set by metrics_by_split
     }
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}
 
@@ -80,6 +81,12 @@ def _kappa(y_true, y_pred):
     if len(np.unique(np.concatenate([y_true, y_pred]))) < 2:
         return None  # both raters used one class: kappa is 0/0
     return float(cohen_kappa_score(y_true, y_pred))
+
+
+def alarm_of(model):
+    """The model's shift alarm (:class:`fracfeat._shift.OutsideTraining`), or None: models saved before 0.3,
+    or classifiers made outside :func:`fit`, have none."""
+    return getattr(pipeline_of(model), "outside_training_", None)
 
 
 def _scores(head, X):
@@ -98,6 +105,7 @@ class Predictions:
     paths: np.ndarray
     classes: tuple
     failed_splits: np.ndarray  # split of each image that could not be read
+    outside: np.ndarray | None = None  # flagged by the model's shift alarm (None: the model has none)
 
 
 def predict_rows(model, features_or_source, *, version="latest") -> Predictions:
@@ -123,7 +131,8 @@ def predict_rows(model, features_or_source, *, version="latest") -> Predictions:
                 f"{describe_extractor(deep)}): "
                 f"evaluate on the images (a folder or CSV) instead, or on store features made with the model's "
                 f"settings")
-        pred, score = _scores(head, rows.X)
+        X = rows.X
+        pred, score = _scores(head, X)
         y, splits, failed_splits = rows.y, rows.splits, np.array([], dtype=str)
         classes, paths = rows.classes, rows.paths
     else:
@@ -146,9 +155,10 @@ def predict_rows(model, features_or_source, *, version="latest") -> Predictions:
         paths = np.array([records[i].path for i in ok], dtype=object)
         classes = classes_from_rows(np.array([r.label for r in records]), np.array([r.class_name for r in records]))
 
+    alarm = alarm_of(pipeline)
     return Predictions(y=np.asarray(y), pred=np.asarray(pred), score=np.asarray(score, dtype=np.float64),
                        splits=np.asarray(splits), paths=np.asarray(paths), classes=tuple(classes),
-                       failed_splits=np.asarray(failed_splits))
+                       failed_splits=np.asarray(failed_splits), outside=None if alarm is None else alarm.predict(X))
 
 
 def evaluate(model, features_or_source, *, split=None, version="latest") -> dict:
@@ -225,10 +235,30 @@ def ranking_alarms(metrics: dict, what: str = "") -> list[str]:
     return alarms
 
 
+# The shift alarm flags about 5% of new images from the training source; twice that is a warning.
+SHIFT_WARNING = 0.10
+
+
+def shift_alarms(metrics: dict, what: str = "") -> list[str]:
+    """A warning for each split of :func:`evaluate` where the shift alarm flags more than SHIFT_WARNING."""
+    alarms = []
+    for split, m in metrics.items():
+        share = m.get("outside_training")
+        if share is not None and share > SHIFT_WARNING:
+            where = f"{what + ', ' if what else ''}{'every image' if split == 'all' else f'split {split!r}'}"
+            alarms.append(f"{share:.0%} of the images of {where} do not look like the model's training images (its "
+                          f"shift alarm flags them; about 5% of new images from the training source are): another "
+                          f"hospital, scanner, framing or kind of radiograph. Figures on such images mean little, "
+                          f"and the model's threshold may not hold: check it on labeled images of this source, or "
+                          f"train on them, before relying on it.")
+    return alarms
+
+
 def checked_metrics(rows: Predictions, what: str = "") -> dict:
-    """:func:`metrics_by_split`, logging a warning for each split where the model ranks inversely."""
+    """:func:`metrics_by_split`, logging a warning for each split where the model ranks inversely or where
+    its shift alarm flags many images."""
     metrics = metrics_by_split(rows)
-    for alarm in ranking_alarms(metrics, what):
+    for alarm in ranking_alarms(metrics, what) + shift_alarms(metrics, what):
         log.warning("%s", alarm)
     return metrics
 
@@ -245,5 +275,6 @@ def metrics_by_split(rows: Predictions) -> dict:
         mask = np.ones(len(y), bool) if name == "all" else splits == name
         metrics = binary_metrics(y[mask], pred[mask], score[mask], classes)
         metrics["n_failed"] = int(len(failed_splits) if name == "all" else (failed_splits == name).sum())
+        metrics["outside_training"] = None if rows.outside is None else float(rows.outside[mask].mean())
         report[name] = metrics
     return report

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from ._featureset import DEFAULT_CLASSES
-from ._metrics import split_feature_step
+from ._metrics import alarm_of, split_feature_step
 from ._model_io import pipeline_of
 
 
@@ -17,7 +19,7 @@ def class_names(model) -> tuple[str, str]:
 
 
 def predict(model, images) -> list[dict]:
-    """Path, probability of a fracture, and predicted label of each image.
+    """Path, probability of a fracture, predicted label, and the shift alarm's verdict for each image.
 
     Parameters
     ----------
@@ -28,19 +30,25 @@ def predict(model, images) -> list[dict]:
     Returns
     -------
     list of dict
-        ``{"path", "probability", "label"}`` per image, in order; ``label`` is one of the model's class
-        names (:func:`class_names`), by the model's own threshold.
+        ``{"path", "probability", "label", "outside_training"}`` per image, in order. ``label`` is one of
+        the model's class names (:func:`class_names`), by the model's own threshold. ``outside_training``
+        is True when the image does not look like the model's training images (its features lie outside
+        theirs: another hospital, scanner or framing, or not a radiograph of the trained kind), so the
+        probability means little; None for models saved before fracfeat 0.3, which have no alarm.
 
     Examples
     --------
     >>> from fracfeat import predict
     >>> predict("results/model.joblib", ["a.jpg"])                       # doctest: +SKIP
-    [{'path': 'a.jpg', 'probability': 0.912, 'label': 'fractured'}]
+    [{'path': 'a.jpg', 'probability': 0.912, 'label': 'fractured', 'outside_training': False}]
     """
     pipeline = pipeline_of(model)
+    deep, head = split_feature_step(pipeline)
     paths = [os.fspath(p) for p in images]
-    proba = pipeline.predict_proba(paths)[:, 1]
-    labels = pipeline.predict(paths)
+    X = paths if deep is None else deep.transform(paths)  # the features once, for the classifier and the alarm
+    proba, labels = head.predict_proba(X)[:, 1], head.predict(X)
+    alarm = alarm_of(pipeline)
+    outside = [None] * len(paths) if alarm is None else [bool(v) for v in alarm.predict(np.asarray(X))]
     names = class_names(pipeline)
-    return [{"path": p, "probability": round(float(q), 6), "label": names[int(k)]}
-            for p, q, k in zip(paths, proba, labels)]
+    return [{"path": p, "probability": round(float(q), 6), "label": names[int(k)], "outside_training": o}
+            for p, q, k, o in zip(paths, proba, labels, outside)]

@@ -21,7 +21,8 @@ import numpy as np
 
 from ._errors import ConfigError
 from ._featureset import DEFAULT_CLASSES, FeatureSet
-from ._metrics import binary_metrics, checked_metrics, predict_rows, ranking_alarms, split_feature_step
+from ._metrics import (binary_metrics, checked_metrics, predict_rows, ranking_alarms, shift_alarms,
+                       split_feature_step)
 from ._model_io import pipeline_of
 from ._plots import (
     format_value,
@@ -482,7 +483,7 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
         out_dir, y_true=rows.y[mask], scores=rows.score[mask], y_pred=rows.pred[mask],
         threshold=decision_threshold(pipeline), paths=rows.paths[mask], study=study, classes=rows.classes,
         summary=table, metrics=metrics, scoring=getattr(fit_result, "scoring", None), title=title,
-        notes=[*getattr(fit_result, "alarms", ()), *ranking_alarms(metrics), *notes],
+        notes=[*getattr(fit_result, "alarms", ()), *ranking_alarms(metrics), *shift_alarms(metrics), *notes],
         n_samples=n_samples,
     )
     return page, metrics

@@ -231,7 +231,8 @@ def _tuning_kwargs(args) -> dict:
     return {**options, "progress": not args.quiet}
 
 
-_SHOWN_METRICS = ("n", "roc_auc", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "pr_auc")
+_SHOWN_METRICS = ("n", "roc_auc", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "pr_auc",
+                  "outside_training")
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -306,7 +307,8 @@ def cmd_predict(args) -> int:
     if args.format == "json":
         _print_json(rows)
     else:
-        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "probability", "label"], lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=["path", "probability", "label", "outside_training"],
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return 0

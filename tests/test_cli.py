@@ -227,7 +227,7 @@ def test_fit_evaluate_predict(main_job, tmp_path):
     assert all(0.0 <= row["probability"] <= 1.0 and row["label"] in ("fractured", "not_fractured") for row in rows)
     r = fracfeat(python, env, "predict", model, *images, "-q")
     lines = r.stdout.splitlines()
-    assert lines[0] == "path,probability,label" and len(lines) == 3
+    assert lines[0] == "path,probability,label,outside_training" and len(lines) == 3
 
 
 @pytest.mark.slow
