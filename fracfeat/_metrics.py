@@ -20,7 +20,7 @@ log = logging.getLogger("fracfeat")
 METRIC_KEYS = (
     "n", "n_positive", "n_negative", "n_failed",
     "accuracy", "balanced_accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
-    "roc_auc", "pr_auc", "cohen_kappa", "confusion_matrix", "classification_report", "outside_training",
+    "roc_auc", "pr_auc", "brier", "ece", "cohen_kappa", "confusion_matrix", "classification_report", "outside_training",
 )
 
 
@@ -66,6 +66,8 @@ def binary_metrics(y_true, y_pred, score, class_names=("not_fractured", "fractur
         "f1": f1,
         "roc_auc": float(m.roc_auc_score(y_true, score)) if both else None,
         "pr_auc": float(m.average_precision_score(y_true, score)) if both else None,
+        "brier": float(np.mean((score - y_true) ** 2)) if n else None,
+        "ece": expected_calibration_error(y_true, score) if n else None,
         "cohen_kappa": _kappa(y_true, y_pred),
         "confusion_matrix": [[tn, fp], [fn, tp]],
         "classification_report": m.classification_report(
@@ -73,6 +75,18 @@ def binary_metrics(y_true, y_pred, score, class_names=("not_fractured", "fractur
         "outside_training": None,  # share flagged by the model's shift alarm: set by metrics_by_split
     }
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}
+
+
+def expected_calibration_error(y_true, proba, n_bins: int = 10) -> float:
+    """Mean gap between P(fractured) and the fractured share, over ``n_bins`` equal-width bins of P weighted by
+    their images: 0 for calibrated probabilities, 0.2 when images scored 0.9 are fractured 70% of the time."""
+    y_true, proba = np.asarray(y_true, dtype=np.float64), np.asarray(proba, dtype=np.float64)
+    bins = np.minimum((proba * n_bins).astype(int), n_bins - 1)
+    gap = 0.0
+    for b in np.unique(bins):
+        inside = bins == b
+        gap += inside.sum() * abs(proba[inside].mean() - y_true[inside].mean())
+    return float(gap / len(proba))
 
 
 def _kappa(y_true, y_pred):

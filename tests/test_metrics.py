@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 
 from conftest import TINY
 from fracfeat import METRIC_KEYS, ConfigError, evaluate, extract, fit
@@ -34,6 +35,10 @@ def test_keys_are_stable_and_values_agree_with_sklearn(fitted, tiny_features):
     assert m["recall"] == m["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
     assert m["specificity"] == pytest.approx(skm.recall_score(y, pred, pos_label=0))
     assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(y, proba))
+    prob_true, prob_pred = calibration_curve(y, proba, n_bins=10, strategy="uniform")  # the non-empty bins
+    counts = np.bincount(np.minimum((proba * 10).astype(int), 9), minlength=10)
+    assert m["ece"] == pytest.approx(float(np.sum(counts[counts > 0] * np.abs(prob_pred - prob_true)) / len(y)))
     assert m["n"] == 48 and m["n_positive"] == 24 and m["n_failed"] == 0
     assert set(m["classification_report"]) >= {"fractured", "not_fractured", "accuracy"}
     json.dumps(report)  # plain values a script can store
