@@ -27,7 +27,7 @@ import numpy as np
 from ._backbones import ResolvedWeights, backbone_spec, resolve_image_size, resolve_pooling, resolve_weights
 from ._errors import ConfigError
 from ._hardware import Hardware, choose_precision_and_runtime
-from ._images import DECODE_RECIPE, TRUNCATED_POLICIES
+from ._images import CROPS, DECODE_RECIPE, INTENSITIES, TRUNCATED_POLICIES, clahe_library
 from ._views import check_view
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -91,6 +91,13 @@ class ExtractorSettings:
     view: str | None = option(None, "an augmented view of every image, as its own store entry, for `fit "
                                     "--augment`: hflip, rot+N / rot-N (degrees), or cropF (central fraction, e.g. "
                                     "crop0.8)", off="", metavar="VIEW", per_part=False, view=True)
+    crop: str = option("none", "site-robust framing: content crops each radiograph to its content before the "
+                               "resize (the box of the foreground by a three-class Otsu threshold on a 128 px copy, "
+                               "specks dropped, a margin of 1/25 of each side; the whole image when there is no "
+                               "clear foreground), or none", off="none", choices=CROPS)
+    intensity: str = option("none", "site-robust exposure, on the grayscale: percentile stretches its 1st..99th "
+                                    "percentile to 0..255, clahe equalises local contrast (OpenCV CLAHE: pip install "
+                                    "'fracfeat[clahe]'), or none", off="none", choices=INTENSITIES)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -136,13 +143,17 @@ class ExtractorSettings:
         if tiles > 1 and scales:
             raise ConfigError("tiles= and scales= cannot be combined; pick one")
         image_size = max(scales) if scales else image_size
+        check_input_side(spec, image_size, tiles)
         layers = check_layers(spec, pooling, self.layers)
         view = check_view(self.view)
+        crop, intensity = check_choice("crop", self.crop, CROPS), check_choice("intensity", self.intensity, INTENSITIES)
+        if intensity == "clahe":
+            clahe_library()  # before any file is read: MissingDependencyError naming the install command
         resolved = None if weights_identity is not None else resolve_weights(spec, weights)
         precision, runtime = choose_precision_and_runtime(spec, precision, runtime, hardware)
         config = ExtractorConfig(
             backbone=spec.name, image_size=image_size, pooling=pooling, precision=precision, runtime=runtime,
-            truncated=truncated, tiles=tiles, scales=scales, layers=layers, view=view,
+            truncated=truncated, tiles=tiles, scales=scales, layers=layers, view=view, crop=crop, intensity=intensity,
             preprocessing=spec.preprocessing, weights=str(weights_identity) if resolved is None else resolved.identity,
         )
         return config, resolved
@@ -228,6 +239,29 @@ def options_text(provenance: dict) -> str:
         if f.metadata["off"] is not _ALWAYS and value is not None and value != f.metadata["off"] and value != []:
             texts.append(f"{f.name}={','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
     return " ".join(texts)
+
+
+# The largest side an image is decoded to (image_size, the largest of scales, or the tiled canvas). The
+# backbones were trained at 224-260 px, and memory grows with the square of the side: VGG16's first block
+# holds 64 float32 channels at full resolution, two tensors at a time, 512 bytes per input pixel (measured:
+# one 1024 px image's float32 forward pass on CPU raised peak memory by 0.54 GiB, 512 px by 0.17 GiB), so
+# one Keras call of 8 images (fracfeat's CPU chunk) at 2048 px needs about 16 GiB.
+MAX_IMAGE_SIZE = 2048
+
+
+def check_input_side(spec, image_size: int, tiles: int) -> None:
+    """A ConfigError when the decoded side (the tiled canvas for ``tiles > 1``) exceeds MAX_IMAGE_SIZE."""
+    side = tile_canvas(image_size, tiles) if tiles > 1 else image_size
+    if side <= MAX_IMAGE_SIZE:
+        return
+    if tiles > 1:
+        what, fix = f"tiles={tiles} of {image_size} px make a {side} px image, which is", "fewer or smaller tiles"
+    else:
+        what = f"image_size={image_size} is"
+        fix = (f"image_size <= {MAX_IMAGE_SIZE} (about {8 * 512 * side * side / 2**30:,.0f} GiB per forward pass "
+               f"of 8 images at {side} px), or tiles= to see a large radiograph in more detail")
+    raise ConfigError(f"{what} above the {MAX_IMAGE_SIZE} px fracfeat takes ({spec.name} was trained at "
+                      f"{spec.default_size} px, and memory grows with the square of the side): pass {fix}")
 
 
 def tile_canvas(tile: int, tiles: int) -> int:

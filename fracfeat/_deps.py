@@ -18,6 +18,7 @@ _INSTALL_HINT = {
     "xgboost": "pip install xgboost",
     "matplotlib": "pip install matplotlib",
     "optuna": "pip install optuna",
+    "cv2": "pip install 'fracfeat[clahe]' (or: pip install opencv-python-headless)",
 }
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from ._backbones import ResolvedWeights, backbone_spec, resolve_weights
 from ._config import ExtractorConfig
 from ._errors import ImageError, WeightsError
-from ._images import DecodedImage, load_image, pixels_from_array
+from ._images import DecodedImage, PixelRecipe, load_image, pixels_from_array
 from ._runtimes import build_runner
 
 
@@ -121,18 +121,18 @@ class FeatureEngine:
         ``sha256s``: the hash each file had when it was looked up in the cache; a file whose bytes
         differ now is a failure (its features would otherwise be stored under the old hash).
         """
-        size, policy, view = self.config.decode_size, self.config.truncated, self.config.view
+        recipe, policy = PixelRecipe.of(self.config), self.config.truncated
 
         def decode(i: int, path: str) -> DecodedImage:
-            return load_image(path, size, policy, None if sha256s is None else sha256s[i], view)
+            return load_image(path, recipe, policy, None if sha256s is None else sha256s[i])
 
         yield from _decode_ahead(paths, decode, workers, lookahead)
 
     def iter_decoded_arrays(self, images: Sequence[np.ndarray], workers: int | None = None,
                             lookahead: int = 64) -> Iterator[tuple[int, DecodedImage]]:
         """As :meth:`iter_decoded` for uint8 images in memory; a malformed one raises ``ValueError``."""
-        size, view = self.config.decode_size, self.config.view
-        yield from _decode_ahead(images, lambda i, image: DecodedImage(pixels_from_array(image, size, view)),
+        recipe = PixelRecipe.of(self.config)
+        yield from _decode_ahead(images, lambda i, image: DecodedImage(pixels_from_array(image, recipe)),
                                  workers, lookahead)
 
     def iter_features(
@@ -166,8 +166,9 @@ class FeatureEngine:
             if image.pixels is None:
                 if strict:
                     name = paths[i] if paths is not None else f"image {i}"
-                    raise ImageError(f"{name}: {image.error} (strict=True stops at the first bad file; "
-                                     f"pass strict=False to record it as a failure and go on)")
+                    raise ImageError(f"{name}: {image.error} (strict mode stops at the first bad file; "
+                                     f"without strict (API strict=False, CLI without --strict) it is recorded as a "
+                                     f"failure row and the run goes on)")
                 failures.append((i, image.error))
                 continue
             if image.truncated:
