@@ -113,10 +113,12 @@ def extract(
 
     Parameters
     ----------
-    source : str, Path, or list of paths
+    source : str, Path, list of paths, or mapping
         A folder of class subfolders (``fractured/``, ``not_fractured/``), a folder of split folders
         (``train/``, ``val/``, ``test/``) each holding class folders, a folder of images (unlabeled), a CSV
-        manifest with a path column (optional label, split and group columns), or a list of image paths.
+        manifest with a path column (optional label, split, group, source and region columns), or a list
+        of image paths. Several sources together: ``{"fracatlas": "data/fracatlas/manifest.csv",
+        "hbfmid": "data/hbfmid"}``, each row tagged with its source's name (``FeatureSet.sources``).
     preset : str or Preset, optional
         A named preset (:func:`fracfeat.presets`): its extractor settings fill every one this call does
         not pass (keywords given win), so :func:`fracfeat.fit` with the same preset accepts the features.
@@ -210,6 +212,9 @@ def _extract_resolved(records, source_desc, config, resolved_weights, feature_st
     The writer lock is held from the plan to the commit, so the cache the plan reads stays true.
     """
     ids, failed = _content_hashes(records, strict, progress)
+    cached = _cached_version(feature_store, records, source_desc, config, ids, failed)
+    if cached is not None:
+        return cached
     with feature_store.writer() as writer:
         plan = _plan(writer, records, source_desc, config, ids, failed)
         engine_versions, run_counts = _compute(writer, plan, config, resolved_weights, batch_size=batch_size,
@@ -223,6 +228,31 @@ def _extract_resolved(records, source_desc, config, resolved_weights, feature_st
         return fs
     log.info("store %s: wrote v%d (%d images x %d features) in %.1fs", feature_store.root, n, len(fs),
              fs.n_features, time.perf_counter() - t_start)
+    return fs
+
+
+def _cached_version(feature_store: FeatureStore, records, source_desc: str, config, ids, failed):
+    """The existing version that holds exactly these rows, found without the writer lock, or None.
+
+    An extraction with nothing to write takes no lock, so a read-only store (another user's, a
+    read-only mount) serves it, and readers of a busy store never queue behind its writer.
+    """
+    if not feature_store.exists():
+        return None
+    if feature_store.has_checkpoints(config.fingerprint) and os.access(feature_store.root, os.W_OK):
+        return None  # a writer is to remove what a killed run left, once its rows are in a version
+    index = feature_store.cache_index(config.fingerprint)
+    if any(d is not None and d not in index for d in ids):
+        return None
+    plan = _Plan(records, source_desc, [r.path for r in records], ids, dict(failed), index, {},
+                 sum(1 for d in ids if d is not None))
+    table, failures = _version_rows(plan)
+    n = feature_store.identical_version(config.fingerprint, _content_sha256(table, failures))
+    if n is None:
+        return None
+    log.info("nothing changed: store version v%d already holds these %d images", n, len(table["ids"]))
+    fs = feature_store.open(n, lazy=True)
+    fs.provenance.update(new_version=False, n_computed=0, n_reused=plan.n_reused, compute_seconds=0.0)
     return fs
 
 
@@ -248,14 +278,15 @@ def _content_hashes(records, strict: bool, progress: bool) -> tuple[list, dict[i
     for i, (digest, error) in enumerate(hashed):
         if error is not None:
             if strict:
-                raise ImageError(f"{paths[i]}: {error} (strict=True; pass strict=False to skip it)")
+                raise ImageError(f"{paths[i]}: {error} (strict mode stops here; without strict "
+                                 f"(API strict=False, CLI without --strict) it becomes a failure row)")
             failed[i] = error
     return [h for h, _ in hashed], failed
 
 
 def _plan(writer: StoreWriter, records, source_desc: str, config, ids, failed) -> _Plan:
     """Look every id up in the store's cache; what no cache file holds is to compute."""
-    index = writer.store.cache_index(config.fingerprint)
+    index = writer.cache_index(config.fingerprint)  # damaged checkpoints set aside: their rows are computed again
     # One computation per distinct content, first occurrence in source order.
     todo: dict[str, int] = {}
     for i, digest in enumerate(ids):
@@ -331,7 +362,9 @@ def _commit(writer: StoreWriter, plan: _Plan, config, resolved_weights, engine_v
 
 def _version_rows(plan: _Plan) -> tuple[dict, list[dict]]:
     """The row table of the records that can be used, in source order, and the failures of the others."""
-    records, paths, ids, failed, index = plan.records, plan.paths, plan.ids, plan.failed, plan.index
+    records, paths, ids, index = plan.records, plan.paths, plan.ids, plan.index
+    # A record the source knew to be unusable (DICOM) fails with the source's reason, whatever decoding said.
+    failed = {**plan.failed, **{i: r.failure for i, r in enumerate(records) if r.failure}}
     keep = [i for i in range(len(records)) if i not in failed]
     failures = [{"path": paths[i], "id": ids[i] or "", "reason": failed[i]} for i in sorted(failed)]
     if failures:
@@ -349,6 +382,8 @@ def _version_rows(plan: _Plan) -> tuple[dict, list[dict]]:
         "splits": [records[i].split for i in keep],
         "groups": [records[i].group for i in keep],
         "truncated": [int(index[ids[i]][2]) for i in keep],
+        "sources": [records[i].source for i in keep],
+        "regions": [records[i].region for i in keep],
     }
     return table, failures
 
@@ -356,7 +391,7 @@ def _version_rows(plan: _Plan) -> tuple[dict, list[dict]]:
 def _content_sha256(table: dict, failures: list[dict]) -> str:
     """The version's ``content_sha256``: its row table and its failures (equal: an identical version)."""
     content = records_sha256(table["ids"], table["paths"], table["labels"], table["class_names"],
-                             table["splits"], table["groups"])
+                             table["splits"], table["groups"], table["sources"], table["regions"])
     failure_key = records_sha256([f["path"] for f in failures], [f["reason"] for f in failures],
                                  *[[""] * len(failures)] * 4)
     return records_sha256([content], [failure_key], [0], [""], [""], [""])

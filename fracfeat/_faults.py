@@ -13,27 +13,55 @@ and SIGKILL the child once the file appears (or delete the file: the run then go
 - ``version``: the new version file half written in ``tmp/`` (some feature rows in);
 - ``commit``: the version file complete in ``tmp/``, not yet renamed into ``versions/``;
 - ``committed``: the version renamed into ``versions/``, its checkpoints not yet removed.
+
+A second hook makes a store write fail as a full disk does, for tests that cannot fill a real one::
+
+    FRACFEAT_FAULT=<kind>:<n>          # the n-th file of <kind> written ("checkpoint" or "version") fails
+
+The writer's flush of that file, after HDF5 has closed it, then raises ``OSError(ENOSPC)``: what a full
+disk does to HDF5, which reports a failed write only when the file is flushed or closed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
 _arrivals: dict[str, int] = {}
 
 
-def pause_point(name: str) -> None:
-    spec = os.environ.get("FRACFEAT_PAUSE_AT")
+def _arrived(spec: str | None, name: str, counts: dict) -> bool:
+    """Whether this arrival at ``name`` is the one ``spec`` (``<name>:<n>``) names; counts the arrivals."""
     if not spec:
-        return
+        return False
     point, _, nth = spec.partition(":")
     if point != name:
-        return
-    _arrivals[name] = _arrivals.get(name, 0) + 1
-    if _arrivals[name] != int(nth or 1):
+        return False
+    counts[name] = counts.get(name, 0) + 1
+    return counts[name] == int(nth or 1)
+
+
+def pause_point(name: str) -> None:
+    if not _arrived(os.environ.get("FRACFEAT_PAUSE_AT"), name, _arrivals):
         return
     with open(os.environ["FRACFEAT_PAUSE_FILE"], "w") as f:
         f.write(f"{name}:{_arrivals[name]} pid={os.getpid()}\n")
     while os.path.exists(os.environ["FRACFEAT_PAUSE_FILE"]):  # until killed, or released by deleting the file
         time.sleep(0.05)
+
+
+_faulted: dict[str, int] = {}
+
+
+def write_fault(kind: str) -> None:
+    """Raise ``OSError(ENOSPC)`` if ``FRACFEAT_FAULT`` names this write (``<kind>:<n>``); else return at once."""
+    spec = os.environ.get("FRACFEAT_FAULT")
+    if _arrived(spec, kind, _faulted):
+        raise OSError(errno.ENOSPC, f"No space left on device (injected by FRACFEAT_FAULT={spec})")
+
+
+def reset() -> None:
+    """Forget the arrivals counted so far (a test that sets FRACFEAT_FAULT or FRACFEAT_PAUSE_AT in-process)."""
+    _arrivals.clear()
+    _faulted.clear()

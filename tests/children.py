@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -85,3 +86,27 @@ def start_child(workdir: Path, name: str, paths, store: Path, pause_at: str | No
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(args_file)], env=env, cwd=workdir,
                                 stdout=subprocess.PIPE, stderr=log, text=True)
     return Child(proc, pause_file, log_path)
+
+
+def as_user(user: str, fn) -> str:
+    """``fn()``'s result (or 'ERROR <type>: <message>') in a forked child that dropped root for ``user``."""
+    account = pwd.getpwnam(user)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            try:
+                result = str(fn())
+            except BaseException as e:
+                result = f"ERROR {type(e).__name__}: {e}"
+            os.write(w, result.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out

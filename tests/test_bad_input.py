@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from children import as_user
 from conftest import TINY, manifest_rows
 from fracfeat import ImageError, extract
 from fracfeat._images import decode_bytes, failure_kind, load_image, read_file
@@ -160,24 +161,7 @@ def test_non_utf8_file_name_is_extracted(tmp_path, corpus):
 
 def read_as_nobody(path: Path) -> str:
     """read_file(path)'s failure reason, in a forked child that has dropped root for the 'nobody' user."""
-    import pwd
-
-    nobody = pwd.getpwnam("nobody")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: drop privileges for good, read, report through the pipe, exit at once
-        try:
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            os.write(w, str(read_file(str(path))[1]).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        reason = f.read().decode()
-    os.waitpid(pid, 0)
-    return reason
+    return as_user("nobody", lambda: read_file(str(path))[1])
 
 
 def test_unreadable_file_reports_permission_denied(tmp_path):

@@ -69,7 +69,9 @@ def test_cli_verify_names_the_flipped_features(clean_store, tmp_path, python, su
 def test_verify_detects_one_flipped_byte_in_the_labels(clean_store, tmp_path):
     damaged = damaged_copy(clean_store, tmp_path, "labels", "middle")
     (report,) = damaged.verify()
-    assert report.problems == ["dataset 'labels' does not match its checksum (damaged)"]
+    # the file's own checksum first (checked before HDF5 reads a byte), then what the damage touched
+    assert report.problems[0] == "its bytes do not match the file's checksum (damaged on disk)"
+    assert report.problems[1:] == ["dataset 'labels' does not match its checksum (damaged)"]
 
 
 def test_verify_reports_a_version_file_cut_short(clean_store, tmp_path):
@@ -78,8 +80,8 @@ def test_verify_reports_a_version_file_cut_short(clean_store, tmp_path):
     path = root / "versions" / "v000001.h5"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     (report,) = FeatureStore(root).verify()
-    assert not report.ok and "cannot be opened as HDF5" in report.problems[0]
-    with pytest.raises(StoreError, match="cannot be opened as HDF5"):
+    assert not report.ok and "do not match the file's checksum" in report.problems[0]
+    with pytest.raises(StoreError, match=r"v000001\.h5 is damaged.*delete it"):
         FeatureStore(root).open("latest")
 
 

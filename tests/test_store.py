@@ -209,7 +209,8 @@ def test_committed_versions_are_marked_complete(two_versions):
             assert f.attrs["format"] == "fracfeat-store"
             assert int(f.attrs["version"]) == n
     marker = json.loads((two_versions["store"] / "fracfeat-store.json").read_text())
-    assert marker == {"format": "fracfeat-store", "format_version": 1}
+    assert marker == {"format": "fracfeat-store", "format_version": 2,
+                      "fracfeat_version": __import__("fracfeat").__version__}
 
 
 def test_missing_store(tmp_path):
