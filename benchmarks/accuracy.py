@@ -21,6 +21,12 @@ threshold. ``cat224+448`` joins the 224 px and 448 px average-pooled store entri
 
     python benchmarks/accuracy.py --store /work/stores/fracatlas-vgg16 \
         --weights ../shared/weights/vgg16_imagenet_notop.weights.h5 --methods logreg-avg,svm-avg --trials 20
+
+``--cv region`` (or ``source``) replaces the grouped outer folds by leave-one-value-out: each outer fold
+holds out one whole body region (the manifest's ``region`` column folded as the issue-15 research did: of
+the regions a row names, the first in the order shoulder > hip > leg > hand) or source (a ``source`` /
+``site`` / ``hospital`` / ``institution`` column), tuning runs on the other values only, and a table per
+held-out value follows each method's row.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from fracfeat import FeatureStore, extract, fit, join_features  # noqa: E402
 from fracfeat._config import resolve_extractor  # noqa: E402
 from fracfeat._extract import hash_files  # noqa: E402
 from fracfeat._hardware import describe_machine  # noqa: E402
-from fracfeat._validation import bootstrap_ci, grouped_folds, out_of_fold  # noqa: E402
+from fracfeat._validation import (bootstrap_ci, grouped_folds, leave_one_value_out, out_of_fold,  # noqa: E402
+                                  per_value_lines, per_value_metrics)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fracatlas"
@@ -70,10 +77,37 @@ for _ex in ("avg", "max", "avg448", "tiles2", "tiles3", "ms224+448", "ml4", "ml3
 DEFAULT_METHODS = "baseline,logreg-avg,svm-avg,xgboost-avg,auto-avg,logreg-max,svm-max,xgboost-max,auto-max"
 
 
+REGION_ORDER = ("shoulder", "hip", "leg", "hand")
+SOURCE_COLUMNS = ("source", "site", "hospital", "institution")
+
+
+def folded_region(named: str) -> str:
+    """``hand+shoulder`` -> ``shoulder``: of the regions named, the first in REGION_ORDER ("" for none)."""
+    parts = set(named.split("+"))
+    return next((r for r in REGION_ORDER if r in parts), "")
+
+
 def manifest_rows(data: Path):
     with open(data / "manifest.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["use"] == "1"]
     return [str(data / r["path"]) for r in rows], [r["label"] for r in rows], [r["group"] for r in rows]
+
+
+def manifest_values(data: Path, what: str) -> list[str]:
+    """Each use=1 row's folded region, or its source column, in manifest_rows' order."""
+    with open(data / "manifest.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["use"] == "1"]
+    if what == "region":
+        return [folded_region(r.get("region", "")) for r in rows]
+    column = next((c for c in SOURCE_COLUMNS if rows and c in rows[0]), None)
+    return [r[column] if column else "" for r in rows]
+
+
+def outer_folds(args, y, groups, values):
+    """The outer folds: grouped K folds, or (``values`` given) one held-out region or source each."""
+    if values is not None:
+        return leave_one_value_out(values, y, groups, what=args.cv)
+    return grouped_folds(y, groups, int(args.cv or args.folds), args.seed)
 
 
 def extractor_kwargs(name: str, args, view: str | None = None) -> dict:
@@ -163,6 +197,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=30, help="Optuna trials per outer fold")
     ap.add_argument("--inner-cv", type=int, default=5, help="grouped folds of the nested tuning")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--cv", default=None, metavar="K|region|source",
+                    help="outer folds: K grouped folds (default: --folds), or region / source: leave one out, with a "
+                         "table per held-out value")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=None, help="XGBoost threads")
@@ -192,13 +229,16 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     paths, labels, groups = manifest_rows(args.data)
+    by_value = args.cv in ("region", "source")
+    values = manifest_values(args.data, args.cv) if by_value else paths
     if args.limit:
         step = max(1, len(paths) // args.limit)  # spread over the manifest, which lists one class first
-        paths, labels, groups = paths[::step][:args.limit], labels[::step][:args.limit], groups[::step][:args.limit]
+        paths, labels, groups, values = (v[::step][:args.limit] for v in (paths, labels, groups, values))
     store = FeatureStore(args.store)
     ids = [h for h, _ in hash_files(paths)]
     y = np.array([1 if lab == "fractured" else 0 for lab in labels])
-    folds = grouped_folds(y, groups, args.folds, args.seed)  # one set of folds, shared by every method
+    held_values = np.array(values, dtype=object) if by_value else None
+    folds = outer_folds(args, y, groups, held_values)  # one set of folds, shared by every method
     t_all = time.perf_counter()
 
     views = [v.strip() for v in args.views.split(",") if v.strip()]
@@ -263,12 +303,18 @@ def main(argv=None) -> int:
         for name, score, pred, extra in scored:
             ci = bootstrap_ci(oof.y, score, pred, oof.groups, n_boot=args.n_boot, seed=args.seed)
             row = {"method": name, **common, **extra, "metrics": ci}
+            if held_values is not None:
+                row["by_value"] = per_value_metrics(oof.y, score, pred, held_values, oof.groups, n_boot=args.n_boot,
+                                                    seed=args.seed)
             results.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
+            if held_values is not None:
+                print("\n".join(per_value_lines(row["by_value"], args.cv)), flush=True)
 
     report = {
         "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]),
-        "rows": len(paths), "positives": int(y.sum()), "groups": len(set(groups)), "folds": args.folds,
+        "rows": len(paths), "positives": int(y.sum()), "groups": len(set(groups)), "folds": len(folds),
+        "outer_cv": args.cv or args.folds,
         "seed": args.seed, "trials_per_fold": args.trials, "inner_cv": args.inner_cv, "views": views,
         "bootstrap": {"n_boot": args.n_boot, "resampled": "groups", "level": 0.95},
         "threshold": "tuned methods: maximize balanced accuracy on inner out-of-fold predictions; seed-lr: 0.5",
@@ -282,7 +328,8 @@ def main(argv=None) -> int:
     print()
     print(markdown(results))
     m = report["machine"]
-    print(f"\n{len(paths)} images, {report['groups']} groups, {args.folds} grouped folds; "
+    held = f"held-out {args.cv}s" if by_value else "grouped folds"
+    print(f"\n{len(paths)} images, {report['groups']} groups, {len(folds)} {held}; "
           f"wall {report['wall_seconds']:.0f}s; on {m['cpu']} ({m['cpu_count']} cores; {' '.join(m['cpu_flags'])}); "
           f"JSON: {args.out}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -13,6 +14,8 @@ from ._images import failure_kind
 from ._sources import UNLABELED
 
 DEFAULT_CLASSES = ("not_fractured", "fractured")
+
+log = logging.getLogger("fracfeat")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class FeatureSet:
         sha256 of each image file's bytes.
     paths, groups, splits, class_names : ndarray of str
         Per row; empty strings where the source said nothing.
+    sources, regions : ndarray of str
+        Per row: the source (hospital, dataset) and the body region the image comes from, "" where
+        unknown (always "" in store versions written before they existed).
     classes : tuple of str
         Display names of label 0 and label 1 (the source's own names when it had them).
     version : int or None
@@ -90,6 +96,13 @@ class FeatureSet:
     truncated: np.ndarray | None = None
     store: str | None = None
     x_loader: Any = field(default=None, repr=False, compare=False)
+    sources: np.ndarray | None = None
+    regions: np.ndarray | None = None
+
+    def __post_init__(self):
+        for name in ("sources", "regions"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.full(len(self.ids), "", dtype=object))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -175,7 +188,8 @@ class FeatureSet:
         return replace(
             self, X=self.X[rows], y=None if self.y is None else self.y[rows], ids=self.ids[rows],
             paths=self.paths[rows], groups=self.groups[rows], splits=self.splits[rows],
-            class_names=self.class_names[rows], truncated=tr, failures=[],
+            class_names=self.class_names[rows], truncated=tr, failures=[], sources=self.sources[rows],
+            regions=self.regions[rows],
         )
 
     def split(self, name: str) -> "FeatureSet":
@@ -204,6 +218,43 @@ def _set_X(self, value) -> None:
 # A property over the dataclass field: ``FeatureSet(X=None, x_loader=...)`` defers reading the rows.
 FeatureSet._X = None
 FeatureSet.X = property(_get_X, _set_X, doc="Feature rows, (n_images, n_features) float32; loaded on first access.")
+
+
+def _shown(names, k: int = 5) -> str:
+    names = list(names)
+    return ", ".join(map(str, names[:k])) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def labeled_for_training(fs: FeatureSet) -> FeatureSet:
+    """The labeled rows a model may learn from and be scored on, made safe (each step warns when it acts).
+
+    - An image (same bytes, so the same id) under both classes is left out, every copy of it, with a
+      warning naming its files: no label of it can be trusted, and keeping both would teach the model
+      that the image is both. Fix the labels to get it back.
+    - When some rows have a group and others have none, each of those gets a group of its own (its image
+      id, so byte-identical copies stay together): grouped folds and hold-outs then stay on for the rest.
+    """
+    data = fs.labeled()
+    labels_of: dict[str, set] = {}
+    for image_id, label in zip(data.ids, data.y if data.y is not None else ()):
+        labels_of.setdefault(str(image_id), set()).add(int(label))
+    both = {image_id for image_id, labels in labels_of.items() if len(labels) > 1}
+    if both:
+        mask = np.array([str(i) in both for i in data.ids], dtype=bool)
+        log.warning("%d image%s under both classes (the same bytes in %d files: %s): left out of training and "
+                    "scoring; correct the label of each copy", len(both), "s are" if len(both) > 1 else " is",
+                    int(mask.sum()), _shown(sorted(map(str, data.paths[mask])), 6))
+        data = data.subset(~mask)
+    empty = np.asarray([g == "" for g in data.groups], dtype=bool)
+    if empty.any() and not empty.all():
+        groups = np.asarray(data.groups, dtype=object).copy()
+        groups[empty] = [f"image:{i}" for i in data.ids[empty]]
+        n = int(empty.sum())
+        log.warning("%d row%s no group (%s): each gets a group of its own, its image id, so the other rows stay "
+                    "grouped; give %s group to keep near-duplicates together", n, "s have" if n > 1 else " has",
+                    _shown(data.paths[empty], 3), "them their" if n > 1 else "it its")
+        data = replace(data, groups=groups)
+    return data
 
 
 def classes_from_rows(labels: np.ndarray, class_names: np.ndarray) -> tuple[str, str]:

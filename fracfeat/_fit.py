@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,13 +17,14 @@ import numpy as np
 
 from ._classifiers import SearchContext, check_classifier, suggest_steps
 from ._deps import require
-from ._errors import ConfigError
-from ._featureset import FeatureSet
+from ._errors import ConfigError, bad_rows_fix, check_finite_rows
+from ._featureset import FeatureSet, labeled_for_training
 from ._metrics import ranking_alarm
 from ._model_io import save_model
 from ._presets import check_features, preset_defaults
 from ._progress import TrialProgress
 from ._store import FeatureStore
+from ._validation import BY_VALUE, leave_one_value_out, per_value_lines, per_value_metrics, values_of
 
 log = logging.getLogger("fracfeat")
 
@@ -66,6 +68,14 @@ class FitResult:
         inversely: something is wrong with the data or the model).
     augment : tuple of str
         Augmented views added to the training rows (``augment=``), e.g. ``("hflip",)``.
+    balance : str or None
+        The ``balance=`` the model was trained with.
+    cv_by_value : dict or None
+        With ``cv="source"`` or ``"region"``: per held-out value, ``{"n", "n_fractured", "roc_auc",
+        "sensitivity", "specificity", "resampled"}``, each metric ``{"value", "low", "high"}`` (95%
+        group-bootstrap interval, :func:`fracfeat._validation.bootstrap_ci`), from the best trial's
+        out-of-fold probabilities (the kept model's kind, refitted without the held-out value) at the
+        kept threshold (0.5 on P(fractured) when none is kept).
     """
 
     pipeline: object
@@ -87,11 +97,26 @@ class FitResult:
     fold_scores: list = field(default_factory=list)
     augment: tuple = ()
     alarms: list = field(default_factory=list)
+    balance: str | None = None
+    cv_by_value: dict | None = None
+    cv_by: str | None = None
 
     def __repr__(self) -> str:
         held = ", ".join(f"{k}={v:.4f}" for k, v in self.scores.items() if k != "cv" and v is not None)
+        by = ""
+        if self.cv_by_value:
+            aucs = {v: m["roc_auc"] for v, m in self.cv_by_value.items()}
+            by = (f", held out by {self.cv_by}: mean ROC AUC {np.mean([a['value'] for a in aucs.values()]):.3f} ("
+                  + ", ".join(f"{v} {a['value']:.3f} [{a['low']:.2f}-{a['high']:.2f}]" for v, a in aucs.items()) + ")")
+        weighted = f", balance={self.balance!r}" if self.balance else ""
         return (f"FitResult({self.classifier}, cv {self.scoring}={self.cv_score:.4f}"
-                f"{', ' + held if held else ''}, trials={self.trials}, version={self.version})")
+                f"{', ' + held if held else ''}{by}{weighted}, trials={self.trials}, version={self.version})")
+
+    def by_value_text(self) -> str:
+        """The per-held-out-value table (``cv="source"``/``"region"``) as text; "" for k folds."""
+        if not self.cv_by_value:
+            return ""
+        return "\n".join(per_value_lines(self.cv_by_value, self.cv_by))
 
     def save(self, path) -> str:
         """Save the pipeline to ``path`` atomically (:func:`fracfeat.save_model`); returns the path."""
@@ -111,12 +136,18 @@ def as_feature_set(features, version="latest") -> FeatureSet:
 
 
 def make_folds(fs: FeatureSet, cv, seed: int) -> tuple[list, bool]:
-    """Cross-validation folds as index pairs, computed once so every trial sees the same ones."""
+    """Cross-validation folds as index pairs, computed once so every trial sees the same ones.
+
+    ``cv="source"`` or ``"region"``: one fold per value, holding out all its rows
+    (:func:`fracfeat._validation.leave_one_value_out` says what it refuses).
+    """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     grouped = fs.has_groups
     groups = fs.groups if grouped else None
     check_cv(cv)
+    if isinstance(cv, str):
+        return leave_one_value_out(values_of(fs, cv), fs.y, groups, what=cv), grouped
     if isinstance(cv, (int, np.integer)):
         smallest = int(np.bincount(fs.y, minlength=2).min())
         if smallest < cv:
@@ -136,15 +167,62 @@ def make_folds(fs: FeatureSet, cv, seed: int) -> tuple[list, bool]:
 
 
 def check_cv(cv) -> None:
-    """A number of folds (>= 2) or a scikit-learn splitter, or a ConfigError saying so."""
+    """A number of folds (>= 2), "source", "region" or a scikit-learn splitter, or a ConfigError saying so."""
     if isinstance(cv, (int, np.integer)) and not isinstance(cv, bool):
         if cv < 2:
             raise ConfigError(f"cv={cv}: give at least 2 folds")
+    elif isinstance(cv, str):
+        if cv not in BY_VALUE:
+            raise ConfigError(f"cv={cv!r}: give a number of folds, 'source' or 'region' (one fold per held-out "
+                              f"value), or a scikit-learn splitter")
     elif not hasattr(cv, "split"):
-        raise ConfigError(f"cv={cv!r}: give a number of folds or a scikit-learn splitter")
+        raise ConfigError(f"cv={cv!r}: give a number of folds, 'source', 'region' or a scikit-learn splitter")
 
 
-def check_tuning(classifier, n_trials, cv, scoring, threshold):
+BALANCE = (None, "classes", "source", "region")
+# The classifiers' own class weighting, switched off when fit weighs the rows (balance=): the weights
+# then balance the classes already, within each source or region. Parameter names of _classifiers.
+UNWEIGHTED_CLASSES = {"logreg_class_weight": "none", "svm_class_weight": "none", "xgb_scale_pos_weight": "none"}
+
+
+def check_balance(balance) -> None:
+    if balance not in BALANCE:
+        raise ConfigError(f"balance={balance!r}: give None, 'classes', 'source' or 'region'")
+
+
+def balance_weights(y, values) -> np.ndarray:
+    """Row weights such that within each value the two classes weigh the same, and every value the same.
+
+    The weights sum to the number of rows. A value holding one class only gives that class its whole
+    share. ``values`` all equal: plain class balancing.
+    """
+    y, values = np.asarray(y), np.asarray(values).astype(str)
+    weights = np.empty(len(y), dtype=np.float64)
+    distinct = np.unique(values)
+    for value in distinct:
+        in_value = values == value
+        classes = np.unique(y[in_value])
+        for c in classes:
+            rows = in_value & (y == c)
+            weights[rows] = len(y) / (len(distinct) * len(classes) * rows.sum())
+    return weights
+
+
+def _balance_values(fs: FeatureSet, balance) -> np.ndarray | None:
+    """What the weights balance over (None: no weights): one value for "classes", else each row's source/region."""
+    if balance is None:
+        return None
+    if balance == "classes":
+        return np.zeros(len(fs), dtype=object)
+    values = values_of(fs, balance)
+    missing = int(sum(v == "" for v in values))
+    if missing:
+        raise ConfigError(f"balance={balance!r} needs a {balance} for every training row; {missing} of {len(fs)} "
+                          f"have none. Give the manifest a {balance} column (or pass sources as {{name: source}})")
+    return values
+
+
+def check_tuning(classifier, n_trials, cv, scoring, threshold, *, seed=0, storage=None):
     """Check the tuning settings before any data is read; returns (classifier family, scorer)."""
     from sklearn.metrics import get_scorer
 
@@ -154,7 +232,36 @@ def check_tuning(classifier, n_trials, cv, scoring, threshold):
     check_cv(cv)
     if threshold is not None:
         parse_threshold(threshold)
-    return classifier, get_scorer(scoring)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r}: give an integer from 0 to 2**32 - 1 (numpy's and Optuna's seed range)")
+    check_storage(storage)
+    try:
+        return classifier, get_scorer(scoring)
+    except ValueError:
+        raise ConfigError(f"scoring={scoring!r} is not a scikit-learn scorer: give one such as roc_auc, "
+                          f"average_precision, balanced_accuracy or neg_brier_score "
+                          f"(sklearn.metrics.get_scorer_names() lists them all)") from None
+
+
+def check_storage(storage) -> None:
+    """An Optuna storage URL (SQLAlchemy's: ``sqlite:///study.db``, ``postgresql://...``) that names a database
+    driver installed here and, for SQLite, a folder that exists; or a ConfigError saying so. Storage objects pass."""
+    if not isinstance(storage, str):
+        return
+    hint = "give e.g. sqlite:///study.db (a file) or postgresql://user@host/db"
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(storage)
+        url.get_dialect()  # loads the driver: no connection is made
+    except Exception as e:  # sqlalchemy's ArgumentError, NoSuchModuleError, a driver's ImportError
+        raise ConfigError(f"storage={storage!r} is not a storage URL Optuna can open ({type(e).__name__}: {e}); "
+                          f"{hint}") from None
+    folder = os.path.dirname(os.path.abspath(url.database)) if url.get_backend_name() == "sqlite" and url.database \
+        else None
+    if folder is not None and not os.path.isdir(folder):
+        raise ConfigError(f"storage={storage!r}: the folder {folder} of its SQLite file does not exist; make it "
+                          f"or {hint}")
 
 
 def choose_threshold(y: np.ndarray, proba: np.ndarray, goal) -> float:
@@ -269,6 +376,7 @@ def fit(
     callbacks=None,
     progress: bool = False,
     augment=(),
+    balance=None,
 ) -> FitResult:
     """Tune a classifier on deep features with Optuna and return a fitted Pipeline that reads images.
 
@@ -289,9 +397,13 @@ def fit(
         study with the same ``n_trials`` runs only the trials still missing.
     timeout : float, optional
         Stop starting trials after this many seconds.
-    cv : int or scikit-learn splitter
+    cv : int, "source", "region", or scikit-learn splitter
         Folds; an int gives StratifiedGroupKFold when every row has a group (near-duplicate images
-        never straddle folds), else StratifiedKFold, both shuffled with ``seed``.
+        never straddle folds), else StratifiedKFold, both shuffled with ``seed``. ``"source"`` or
+        ``"region"`` hold out one whole source (hospital, dataset) or body region per fold, so the CV score
+        is what the model does on a source or region it never saw; refused when there are fewer than 2
+        values, a value holds one class only, a row has none, or a near-duplicate group spans two values.
+        ``FitResult.cv_by_value`` then gives each held-out value's figures with intervals.
     scoring : str or callable
         A scikit-learn scorer name or scorer; maximized.
     seed : int
@@ -327,6 +439,18 @@ def fit(
         each training row's views are added to the training side of every fold and to the kept model's
         training rows; validation folds and held-out splits are scored on the original images only.
         Views are matched to rows by image id (content hash), so they share the original's group.
+    balance : None, "classes", "source" or "region"
+        Weigh the training rows (``sample_weight`` of the classifier, in every tuning fold and in the kept
+        model) so that within each source (or region) the two classes carry the same total weight, and
+        every source (region) the same total; ``"classes"`` balances the classes only. A model can then
+        no longer score well by learning which source or region is more often fractured. With balance
+        set, the classifiers' own class weighting is not searched (``class_weight`` / ``scale_pos_weight``
+        are fixed to "none"). None (default): unweighted, as before.
+
+    Labels and leakage: an image (same bytes) labeled both ways is left out with a warning naming its
+    files; rows without a group beside grouped rows get a group each (their image id); rows without a
+    split beside split rows are training rows; val/test rows, and training rows with the same bytes as
+    one of them, never reach tuning or the kept model.
 
     Returns
     -------
@@ -341,34 +465,90 @@ def fit(
     >>> result.pipeline.predict_proba(["new_radiograph.jpg"])         # doctest: +SKIP
     """
     optuna = require("optuna", why="fit")
-    from sklearn.base import clone
-    from sklearn.pipeline import Pipeline
 
     t_start = time.perf_counter()
-    classifier, scorer = check_tuning(classifier, n_trials, cv, scoring, threshold)
+    classifier, scorer = check_tuning(classifier, n_trials, cv, scoring, threshold, seed=seed, storage=storage)
+    check_balance(balance)
     fs = as_feature_set(features, version)
+    check_finite_rows(fs.X, fs.paths, what="fit", fix=bad_rows_fix(fs.store))
     if preset is not None:
         check_features(preset, fs)
     data, held_out = _tuning_rows(fs)
     folds, grouped = make_folds(data, cv, seed)
     X, y = np.asarray(data.X, dtype=np.float32), np.asarray(data.y)
     views = augmented_rows(data, fs, augment)
-    view_names = [v for v, _ in views]
-
-    def training(rows):
-        """Feature rows and labels of the training side: the rows plus each one's augmented views."""
-        if not views:
-            return X[rows], y[rows]
-        return (np.concatenate([X[rows], *(Xv[rows] for _, Xv in views)]),
-                np.tile(y[rows], 1 + len(views)))
+    training = _training_rows(X, y, [Xv for _, Xv in views], _balance_values(data, balance))
     ctx = SearchContext(seed=seed, n_positive=int((y == 1).sum()), n_negative=int((y == 0).sum()), n_threads=n_threads,
                         n_features=int(X.shape[1]))
-
     tag = {"classifier": classifier, "scoring": str(scoring), "seed": int(seed), "fingerprint": fs.fingerprint,
            "n_rows": int(len(y)), "n_positive": ctx.n_positive, "cv": len(folds) if isinstance(cv, int) else repr(cv),
            "grouped": grouped, "rows_sha256": _rows_digest(data)}
-    if view_names:
-        tag["augment"] = ",".join(view_names)
+    if views:
+        tag["augment"] = ",".join(v for v, _ in views)
+    if balance is not None:
+        tag["balance"] = balance
+    objective = _objective(classifier, ctx, folds, training, scorer, X, y)
+    with quiet_optuna():
+        study = _make_study(study, storage, study_name, sampler, pruner, seed, tag)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
+        if remaining > 0:
+            with TrialProgress(remaining, scoring=str(scoring), enabled=progress, timeout=timeout) as bar, \
+                    _class_weights_fixed(study, balance is not None):
+                study.optimize(objective, n_trials=remaining, timeout=timeout, n_jobs=n_jobs,
+                               callbacks=[*(callbacks or ()), bar])
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise ConfigError(f"no trial of study {study.study_name!r} completed (timeout={timeout}); "
+                          f"give more time or trials")
+    best = study.best_trial
+    family, head, chosen, oof = _final_head(best.params, classifier, ctx, threshold, X, y, folds, training,
+                                            out_of_fold=isinstance(cv, str))
+    scores = {"cv": float(best.value)}
+    for split, hs in held_out.items():
+        scores[split] = float(scorer(head, hs.X, hs.y)) if len(np.unique(hs.y)) == 2 else None
+    pipeline = _with_feature_step(head, fs, weights)
+    pipeline.outside_training_ = _shift_alarm(X, data)
+    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+              for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)}
+    by_value = None
+    if isinstance(cv, str):
+        pred = (oof >= (0.5 if chosen is None else chosen)).astype(np.int64)
+        by_value = per_value_metrics(y, oof, pred, values_of(data, cv), data.groups if grouped else None, seed=seed)
+    result = FitResult(
+        pipeline=pipeline, study=study, best_params=dict(best.params), cv_score=float(best.value), classifier=family,
+        scoring=str(scoring), scores=scores, threshold=chosen, n_train=int(len(y)) * (1 + len(views)),
+        cv_folds=len(folds), augment=tuple(v for v, _ in views),
+        grouped=grouped, trials=counts, store=fs.store,
+        version=fs.version if fs.version is not None else fs.version_label, fingerprint=fs.fingerprint,
+        seconds=round(time.perf_counter() - t_start, 3), fold_scores=list(best.user_attrs.get("fold_scores", [])),
+        alarms=_ranking_alarms(scoring, scores, y, held_out), balance=balance, cv_by_value=by_value,
+        cv_by=cv if isinstance(cv, str) else None,
+    )
+    log.info("%r", result)
+    return result
+
+
+def _training_rows(X, y, views: list, values):
+    """``training(rows)``: the training side's (feature rows, labels, row weights or None).
+
+    The rows plus each one's augmented views (which share its label and weight); the weights
+    (:func:`balance_weights` over ``values``) are computed on the rows of each training side.
+    """
+    def training(rows):
+        weights = None if values is None else balance_weights(y[rows], values[rows])
+        if not views:
+            return X[rows], y[rows], weights
+        copies = 1 + len(views)
+        return (np.concatenate([X[rows], *(Xv[rows] for Xv in views)]), np.tile(y[rows], copies),
+                None if weights is None else np.tile(weights, copies))
+    return training
+
+
+def _objective(classifier, ctx: SearchContext, folds, training, scorer, X, y):
+    """The Optuna objective: the mean score of a trial's model over the folds, pruned after any fold."""
+    import optuna
+    from sklearn.base import clone
+    from sklearn.pipeline import Pipeline
 
     def objective(trial):
         family, steps = suggest_steps(trial, classifier, ctx)
@@ -376,7 +556,7 @@ def fit(
         scores = []
         for k, (tr, va) in enumerate(folds):
             with _quiet_convergence():  # convergence warnings of poor trials: the score says it
-                fitted = clone(model).fit(*training(tr))
+                fitted = fit_weighted(clone(model), *training(tr))
                 scores.append(float(scorer(fitted, X[va], y[va])))
             trial.report(float(np.mean(scores)), k)
             if k < len(folds) - 1 and trial.should_prune():
@@ -385,42 +565,74 @@ def fit(
         trial.set_user_attr("fold_scores", scores)
         trial.set_user_attr("family", family)
         return float(np.mean(scores))
+    return objective
 
-    with quiet_optuna():
-        study = _make_study(study, storage, study_name, sampler, pruner, seed, tag)
-        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
-        if remaining > 0:
-            with TrialProgress(remaining, scoring=str(scoring), enabled=progress, timeout=timeout) as bar:
-                study.optimize(objective, n_trials=remaining, timeout=timeout, n_jobs=n_jobs,
-                               callbacks=[*(callbacks or ()), bar])
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
-        raise ConfigError(f"no trial of study {study.study_name!r} completed (timeout={timeout}); "
-                          f"give more time or trials")
-    best = study.best_trial
-    family, head, chosen = _final_head(best.params, classifier, ctx, threshold, X, y, folds, training)
 
-    scores = {"cv": float(best.value)}
-    for split, hs in held_out.items():
-        scores[split] = float(scorer(head, hs.X, hs.y)) if len(np.unique(hs.y)) == 2 else None
+@contextlib.contextmanager
+def _class_weights_fixed(study, fixed: bool):
+    """While tuning with row weights, the study's sampler keeps the classifiers' class weighting off."""
+    if not fixed:
+        yield
+        return
+    import optuna
 
-    alarms = _ranking_alarms(scoring, scores, y, held_out)
-    pipeline = _with_feature_step(head, fs, weights)
-    pipeline.outside_training_ = _shift_alarm(X, data)
-    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
-              for s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)}
-    result = FitResult(
-        pipeline=pipeline, study=study, best_params=dict(best.params), cv_score=float(best.value), classifier=family,
-        scoring=str(scoring), scores=scores, threshold=chosen, n_train=int(len(y)) * (1 + len(views)),
-        cv_folds=len(folds), augment=tuple(view_names),
-        grouped=grouped, trials=counts, store=fs.store,
-        version=fs.version if fs.version is not None else fs.version_label, fingerprint=fs.fingerprint,
-        seconds=round(time.perf_counter() - t_start, 3), fold_scores=list(best.user_attrs.get("fold_scores", [])),
-        alarms=alarms,
-    )
-    log.info("%r", result)
-    return result
+    before = study.sampler
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.PartialFixedSampler(UNWEIGHTED_CLASSES, before)
+    try:
+        yield
+    finally:
+        study.sampler = before
+
+
+def fit_weighted(model, X, y, weights=None):
+    """``model.fit(X, y)``; with ``weights``, each row's weight goes to the Pipeline's classifier step.
+
+    Scaling and PCA are fitted unweighted; the classifier (also inside the FixedThresholdClassifier
+    that keeps a threshold, or the SVM's :class:`SigmoidCalibrated`) gets ``sample_weight``.
+    """
+    if weights is None:
+        return model.fit(X, y)
+    name, clf = model.steps[-1]
+    if not _wraps_classifier(clf):
+        return model.fit(X, y, **{f"{name}__sample_weight": weights})
+    _fit_classifier_weighted(clf, model[:-1].fit_transform(X, y), y, weights)
+    return model
+
+
+def _wraps_classifier(clf) -> bool:
+    from sklearn.model_selection import FixedThresholdClassifier
+
+    from ._calibration import SigmoidCalibrated
+
+    return isinstance(clf, (FixedThresholdClassifier, SigmoidCalibrated))
+
+
+def _fit_classifier_weighted(clf, X, y, weights):
+    """Fit a classifier, or the classifier a wrapper holds, with ``sample_weight`` (which the wrappers lack)."""
+    from sklearn.base import clone
+    from sklearn.model_selection import FixedThresholdClassifier, StratifiedKFold, cross_val_predict
+
+    from ._calibration import SigmoidCalibrated, fit_increasing_sigmoid
+
+    if isinstance(clf, FixedThresholdClassifier):
+        clf.estimator_ = _fit_classifier_weighted(clone(clf.estimator), X, y, weights)
+    elif isinstance(clf, SigmoidCalibrated):
+        # SigmoidCalibrated.fit, with the weights passed to each fit of its estimator.
+        clf.classes_ = np.unique(y)
+        positive = y == clf.classes_[1]
+        n_splits = max(2, min(int(clf.cv), int(positive.sum()), int((~positive).sum())))
+        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=clf.random_state)
+        decision = cross_val_predict(clone(clf.estimator), X, y, cv=folds, method="decision_function",
+                                     params={"sample_weight": weights})
+        clf.slope_, clf.intercept_ = fit_increasing_sigmoid(decision, positive)
+        clf.estimator_ = clone(clf.estimator).fit(X, y, sample_weight=weights)
+    else:
+        return clf.fit(X, y, sample_weight=weights)
+    if hasattr(clf.estimator_, "n_features_in_"):
+        clf.n_features_in_ = clf.estimator_.n_features_in_
+    return clf
 
 
 def _shift_alarm(X, data: FeatureSet):
@@ -435,23 +647,43 @@ def _shift_alarm(X, data: FeatureSet):
 
 
 def _tuning_rows(fs: FeatureSet) -> tuple[FeatureSet, dict]:
-    """(the labeled rows to tune on, {split: rows} held out): a source's train split when it has one."""
-    data = fs.labeled()
+    """(the labeled rows to tune on, {split: rows} held out).
+
+    Rows of the val and test splits are held out: tuning and the kept model never see them, nor an image
+    with the same bytes. When some rows have a split, those without one are training rows (a warning
+    says so). :func:`~fracfeat._featureset.labeled_for_training` drops images labeled both ways first.
+    """
+    data = labeled_for_training(fs)
     if data.y is None or len(np.unique(data.y)) < 2:
         raise ConfigError(f"fit needs labeled images of both classes; {fs!r} has "
                           f"{'none labeled' if data.y is None or not len(data) else 'one class only'}")
-    held_out = {}
-    if "train" in data.split_names:
-        held_out = {s: data.split(s) for s in ("val", "test") if s in data.split_names}
-        data = data.split("train")
-    return data, held_out
+    held_names = [s for s in ("val", "test") if s in data.split_names]
+    if not held_names and "train" not in data.split_names:
+        return data, {}
+    held_out = {s: data.split(s) for s in held_names}
+    splits = np.asarray(data.splits).astype(str)
+    training = ~np.isin(splits, held_names)
+    unsplit = int((training & (splits == "")).sum())
+    if unsplit:
+        log.warning("%d labeled row%s no split beside rows of the %s split%s: used as training rows", unsplit,
+                    "s have" if unsplit > 1 else " has", "/".join(data.split_names), "s" if len(data.split_names) > 1 else "")
+    held_ids = {str(i) for hs in held_out.values() for i in hs.ids}
+    leaked = training & np.array([str(i) in held_ids for i in data.ids], dtype=bool)
+    if leaked.any():
+        log.warning("%d training row%s the same image (same bytes) as a %s row: left out of training (%s)",
+                    int(leaked.sum()), "s are" if leaked.sum() > 1 else " is", "/".join(held_names),
+                    ", ".join(map(str, data.paths[leaked][:3])))
+    return data.subset(training & ~leaked), held_out
 
 
-def _final_head(params: dict, classifier: str, ctx: SearchContext, threshold, X, y, folds, training):
-    """(family, the best trial's model fitted on every training row, its decision threshold or None).
+def _final_head(params: dict, classifier: str, ctx: SearchContext, threshold, X, y, folds, training,
+                out_of_fold: bool = False):
+    """(family, the best trial's model fitted on every training row, its decision threshold or None,
+    the out-of-fold P(fractured) or None).
 
-    The threshold is chosen on the out-of-fold probabilities of the training folds, then kept by a
-    FixedThresholdClassifier around the classifier.
+    The threshold is chosen on the out-of-fold probabilities of the training folds (models of the kept
+    kind, fitted without each fold), then kept by a FixedThresholdClassifier around the classifier.
+    Those probabilities are also returned when ``out_of_fold`` is asked for.
     """
     import optuna
     from sklearn.model_selection import FixedThresholdClassifier
@@ -460,14 +692,16 @@ def _final_head(params: dict, classifier: str, ctx: SearchContext, threshold, X,
     final = SearchContext(**{**ctx.__dict__, "final": True})
     family, steps = suggest_steps(optuna.trial.FixedTrial(params), classifier, final)
     head = Pipeline(steps)
-    chosen = None
+    chosen, proba = None, None
+    if threshold is not None or out_of_fold:
+        proba = _out_of_fold_proba(head, X, y, folds, training)
     if threshold is not None:
-        chosen = _threshold_from_folds(head, X, y, folds, threshold, training)
+        chosen = choose_threshold(y, proba, threshold)
         name, clf = head.steps[-1]
         head.steps[-1] = (name, FixedThresholdClassifier(clf, threshold=chosen, response_method="predict_proba"))
     with _quiet_convergence():
-        head.fit(*training(np.arange(len(y))))
-    return family, head, chosen
+        fit_weighted(head, *training(np.arange(len(y))))
+    return family, head, chosen, proba
 
 
 def _ranking_alarms(scoring, scores: dict, y: np.ndarray, held_out: dict) -> list[str]:
@@ -549,14 +783,15 @@ def _rows_digest(fs: FeatureSet) -> str:
     return h.hexdigest()
 
 
-def _threshold_from_folds(head, X, y, folds, goal, training) -> float:
+def _out_of_fold_proba(head, X, y, folds, training) -> np.ndarray:
+    """P(fractured) of every row from a clone of ``head`` fitted on the folds that hold it out."""
     from sklearn.base import clone
 
     proba = np.empty(len(y), dtype=np.float64)
     for tr, va in folds:
         with _quiet_convergence():
-            proba[va] = clone(head).fit(*training(tr)).predict_proba(X[va])[:, 1]
-    return choose_threshold(y, proba, goal)
+            proba[va] = fit_weighted(clone(head), *training(tr)).predict_proba(X[va])[:, 1]
+    return proba
 
 
 def _with_feature_step(head, fs: FeatureSet, weights):
@@ -571,5 +806,6 @@ def _with_feature_step(head, fs: FeatureSet, weights):
         return head
     deep = feature_step(fs.parts, weights)
     deep.trained_on_ = {"store": fs.store, "version": fs.version_label if fs.is_joined else fs.version,
-                        "fingerprint": fs.fingerprint, "classes": list(fs.classes)}
+                        "fingerprint": fs.fingerprint, "classes": list(fs.classes),
+                        "sources": sorted(set(fs.sources.tolist()) - {""})}
     return Pipeline([("features", deep), *head.steps])

@@ -10,9 +10,9 @@ import numpy as np
 
 from ._errors import ConfigError
 from ._extract import extract
-from ._featureset import FeatureSet
+from ._featureset import FeatureSet, labeled_for_training
 from ._fit import fit
-from ._model_io import save_model
+from ._model_io import check_output_file, check_output_folder, save_model
 from ._presets import get_preset, preset_defaults, settings_text
 from ._report import report
 from ._views import check_view
@@ -104,6 +104,7 @@ def run(
     storage=None,
     study_name: str | None = None,
     augment=(),
+    balance=None,
     progress: bool = True,
     **extract_options,
 ) -> RunResult:
@@ -115,8 +116,9 @@ def run(
 
     Parameters
     ----------
-    source : str, Path, or list of paths
-        Labeled images, as :func:`fracfeat.extract` takes them.
+    source : str, Path, list of paths, or mapping
+        Labeled images, as :func:`fracfeat.extract` takes them; ``{name: source, ...}`` for several
+        sources together (each row keeps its source's name, for ``cv="source"`` and ``balance="source"``).
     out : str or Path
         Output folder: ``model.joblib``, ``report/index.html`` and (unless ``store`` is given) ``store/``.
     preset : str or Preset, optional
@@ -125,8 +127,9 @@ def run(
         part of a preset: pass it.
     store : str or Path, optional
         Feature store folder (default ``OUT/store``); a shared store reuses features across runs.
-    classifier, n_trials, timeout, cv, scoring, seed, threshold, storage, study_name
-        Tuning settings, as for :func:`fracfeat.fit`. The default budget, 20 trials of XGBoost, tuned all
+    classifier, n_trials, timeout, cv, scoring, seed, threshold, storage, study_name, balance
+        Tuning settings, as for :func:`fracfeat.fit` (``cv="source"`` or ``"region"``: leave one source or
+        body region out; ``balance="source"`` or ``"region"``: equal class weight within each). The default budget, 20 trials of XGBoost, tuned all
         of FracAtlas (4,083 images) in under 7 minutes on 2 cores (``classifier="svm", n_trials=30``: under
         a minute, a little lower held out). ``threshold`` defaults to the one
         that maximizes balanced accuracy on the training folds: about 18% of radiographs are fractured,
@@ -157,7 +160,9 @@ def run(
     >>> run("data/fracatlas", "results/", weights="vgg16_notop.weights.h5",
     ...     preset="fracatlas-vgg16-svm")                                              # doctest: +SKIP
     """
-    out = Path(out)
+    out = Path(check_output_folder(out, "out"))  # where the results go, checked before any work
+    check_output_file(out / "model.joblib", "the model file")
+    check_output_folder(out / "report", "the report folder")
     store = out / "store" if store is None else store
     if isinstance(augment, str):
         augment = [v for v in augment.replace(" ", "").split(",") if v]
@@ -167,7 +172,7 @@ def run(
                           "not view=")
     fs = extract(source, store=store, progress=progress, **extract_options)
     views = [extract(source, store=store, progress=progress, view=v, **extract_options) for v in augment]
-    labeled = fs.labeled()
+    labeled = labeled_for_training(fs)
     if labeled.y is None or len(np.unique(labeled.y)) < 2:
         raise ConfigError(f"run needs labeled images of both classes; {fs!r} has "
                           f"{'none labeled' if labeled.y is None or not len(labeled) else 'one class only'}. "
@@ -181,7 +186,8 @@ def run(
                     "with a group column)", source)
     log.info("tuning on %d images, holding out %s", len(train), how)
     result = fit(train, classifier=classifier, n_trials=n_trials, timeout=timeout, cv=cv, scoring=scoring, seed=seed,
-                 threshold=threshold, storage=storage, study_name=study_name, progress=progress, augment=views)
+                 threshold=threshold, storage=storage, study_name=study_name, progress=progress, augment=views,
+                 balance=balance)
     model_path = out / "model.joblib"
     save_model(result.pipeline, model_path)  # makes out/
     joined = " (joined)" if fs.is_joined else ""

@@ -6,23 +6,36 @@ A *source* is one of:
 - a folder with split subfolders holding class subfolders (``data/{train,val,test}/{fractured,...}``);
 - a folder holding only images (unlabeled);
 - a CSV manifest with a path column and optional label, split and group columns;
-- a list of image paths (unlabeled unless ``labels=`` is given).
+- a list of image paths (unlabeled unless ``labels=`` is given);
+- a mapping ``{source name: any of the above}``: several sources (hospitals, datasets) together, each
+  record tagged with its source's name.
 
-Every source becomes a list of :class:`ImageRecord` in a deterministic order.
+Every source becomes a list of :class:`ImageRecord` in a deterministic order. Every file a folder holds
+becomes a record, a record that fails (DICOM, until it is read), or one logged line of skipped files.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ._errors import SourceError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+# Suffixes of the formats Pillow reads (tests/test_sources.py checks each against Pillow's registry); a
+# GIF gives its first frame.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif",
+                            ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
+DICOM_REASON = "DICOM files are not supported yet"
+_DICOM_MAGIC_AT = 128  # a DICOM file: a 128-byte preamble, then b"DICM"
+
+log = logging.getLogger("fracfeat")
 
 FRACTURED = 1
 NOT_FRACTURED = 0
@@ -48,17 +61,28 @@ _PATH_COLUMNS = ("path", "filepath", "file_path", "image_path", "image", "filena
 _LABEL_COLUMNS = ("label", "class", "class_name", "target", "fractured")
 _SPLIT_COLUMNS = ("split", "subset", "fold_split")
 _GROUP_COLUMNS = ("group", "group_id", "patient", "patient_id")
+_SOURCE_COLUMNS = ("source", "site", "hospital", "institution")
+_REGION_COLUMNS = ("region", "body_part", "bodypart")
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image as the source describes it (before its bytes are read)."""
+    """One image as the source describes it (before its bytes are read).
+
+    ``source`` names where it comes from (a hospital, a dataset: a CSV ``source`` column or the key of a
+    mapping of sources), ``region`` the body region (a CSV ``region`` column); "" when unknown.
+    ``failure`` is set when the file is known to be unusable before it is read (DICOM): it becomes a
+    failure row of the version with that reason.
+    """
 
     path: str
     label: int = UNLABELED
     class_name: str = ""
     split: str = ""
     group: str = ""
+    source: str = ""
+    region: str = ""
+    failure: str = ""
 
 
 def normalize_class_name(name: str) -> str:
@@ -95,15 +119,53 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursively), sorted for a deterministic order."""
+def is_dicom_file(path: Path) -> bool:
+    """A ``.dcm`` (``.dicom``) file, or a file without an image suffix that opens with the DICOM preamble."""
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_DICOM_MAGIC_AT + 4)
+    except OSError:
+        return False
+    return head[_DICOM_MAGIC_AT:] == b"DICM"
+
+
+def _record(path, label=UNLABELED, class_name="", split="", group="", **meta) -> ImageRecord:
+    """A record of ``path``; a DICOM file's carries its failure reason."""
+    reason = DICOM_REASON if is_dicom_file(Path(path)) else ""
+    return ImageRecord(str(path), label, class_name, split, group, failure=reason, **meta)
+
+
+class _Skipped:
+    """Files a folder source leaves out (neither images nor DICOM), logged once per source."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def log(self, folder: Path) -> None:
+        if self.names:
+            shown = ", ".join(self.names[:5]) + (f" and {len(self.names) - 5} more" if len(self.names) > 5 else "")
+            log.info("%s: skipped %d files that are not images (%s)", folder, len(self.names), shown)
+
+
+def _images_in(folder: Path, skipped: _Skipped | None = None) -> list[Path]:
+    """Image (and DICOM) files below ``folder`` (recursively), sorted; the other files' names go to ``skipped``."""
     found = []
     for root, dirs, files in os.walk(folder, followlinks=False):
+        if skipped is not None:
+            skipped.names.extend(f"{d}/" for d in sorted(dirs) if d.startswith("."))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in files:
+        for f in sorted(files):
             p = Path(root) / f
-            if is_image_file(p):
+            if is_image_file(p) or is_dicom_file(p):
                 found.append(p)
+            elif skipped is not None:
+                skipped.names.append(f)
     return sorted(found, key=lambda p: p.as_posix())
 
 
@@ -111,9 +173,11 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def _refuse_loose_images(folder: Path) -> None:
+def _refuse_loose_images(folder: Path, skipped: _Skipped) -> None:
     """Images next to class (or split) folders have no label: refuse them rather than drop them."""
-    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name)
+    loose = [p.name for p in files if is_image_file(p) or is_dicom_file(p)]
+    skipped.names.extend(p.name for p in files if p.name not in loose)
     if loose:
         shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
         raise SourceError(
@@ -122,20 +186,28 @@ def _refuse_loose_images(folder: Path) -> None:
         )
 
 
-def _class_folders(folder: Path, split: str, class_map) -> list[ImageRecord]:
-    _refuse_loose_images(folder)
+def _class_folders(folder: Path, split: str, class_map, skipped: _Skipped) -> list[ImageRecord]:
+    _refuse_loose_images(folder, skipped)
     records = []
     for class_dir in _subdirs(folder):
         label = label_for_class_name(class_dir.name, class_map)
-        for p in _images_in(class_dir):
-            records.append(ImageRecord(str(p), label, class_dir.name, split, ""))
+        for p in _images_in(class_dir, skipped):
+            records.append(_record(p, label, class_dir.name, split))
     return records
 
 
 def records_from_folder(folder: Path, class_map=None) -> list[ImageRecord]:
+    """Records of a folder source; files that are neither images nor DICOM are skipped in one logged line."""
+    skipped = _Skipped()
+    records = _folder_records(folder, class_map, skipped)
+    skipped.log(folder)
+    return records
+
+
+def _folder_records(folder: Path, class_map, skipped: _Skipped) -> list[ImageRecord]:
     subdirs = _subdirs(folder)
     if not subdirs:
-        return [ImageRecord(str(p)) for p in _images_in(folder)]
+        return [_record(p) for p in _images_in(folder, skipped)]
     split_dirs = [d for d in subdirs if d.name.lower() in _SPLIT_NAMES]
     if split_dirs:
         others = [d.name for d in subdirs if d not in split_dirs]
@@ -144,12 +216,12 @@ def records_from_folder(folder: Path, class_map=None) -> list[ImageRecord]:
                 f"{folder}: mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
                 f"folders ({', '.join(others)}). Put every class folder inside a split folder, or remove the split folders."
             )
-        _refuse_loose_images(folder)
+        _refuse_loose_images(folder, skipped)
         records = []
         for d in split_dirs:
-            records.extend(_class_folders(d, _SPLIT_NAMES[d.name.lower()], class_map))
+            records.extend(_class_folders(d, _SPLIT_NAMES[d.name.lower()], class_map, skipped))
         return records
-    return _class_folders(folder, "", class_map)
+    return _class_folders(folder, "", class_map, skipped)
 
 
 def _pick_column(fieldnames: Sequence[str], candidates: Sequence[str]) -> str | None:
@@ -167,37 +239,84 @@ def _label_from_value(value: str, class_map) -> tuple[int, str]:
     return label_for_class_name(value, class_map), value
 
 
+def manifest_text(csv_path: Path) -> str:
+    """The manifest's text: UTF-8, with or without a byte-order mark (as Excel writes it).
+
+    Any other encoding is refused, naming the line, rather than guessed: a Latin-1 cell decoded by
+    guess could name another file than the one meant, and the fix (saving the file as UTF-8) is one step.
+    """
+    data = Path(csv_path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SourceError(f"{csv_path}, line {line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the manifest as "
+                          f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {csv_path}` if it is Latin-1") from None
+
+
+def path_cell(csv_path: Path, lineno: int, written: str, stripped: str) -> str:
+    """A manifest's path cell: as written when a file of that name exists (" spaced.jpg"), else stripped."""
+    if "\0" in written:
+        raise SourceError(f"{csv_path}, line {lineno}: the path cell holds a NUL byte ({written!r}), which no file "
+                          f"name can; fix that line of the manifest")
+    if written != stripped and (Path(csv_path).parent / written).exists():
+        return written
+    return stripped
+
+
 def records_from_csv(csv_path: Path, class_map=None) -> list[ImageRecord]:
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    """Records of a CSV manifest: a path column, optional label, split, group, source and region columns.
+
+    An exact duplicate row (every cell the same as an earlier row's) is dropped with a warning giving
+    their count and lines: kept, it would count one image twice in every fold and metric.
+    """
+    with io.StringIO(manifest_text(csv_path), newline="") as f:
         reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        path_col = _pick_column(fields, _PATH_COLUMNS)
-        if path_col is None:
-            raise SourceError(
-                f"{csv_path}: no path column. Found columns {fields}; name the column of image paths "
-                f"one of {list(_PATH_COLUMNS)}."
-            )
-        label_col = _pick_column(fields, _LABEL_COLUMNS)
-        split_col = _pick_column(fields, _SPLIT_COLUMNS)
-        group_col = _pick_column(fields, _GROUP_COLUMNS)
-        base = csv_path.parent
-        records = []
+        columns = _csv_columns(csv_path, reader.fieldnames or [])
+        records, seen, duplicates = [], set(), []
         for lineno, row in enumerate(reader, start=2):
-            raw = (row.get(path_col) or "").strip()
-            if not raw:
-                raise SourceError(f"{csv_path}, line {lineno}: empty {path_col!r}")
-            p = Path(raw)
-            if not p.is_absolute():
-                p = base / p
-            try:
-                label, name = _label_from_value(row.get(label_col) or "", class_map) if label_col else (UNLABELED, "")
-            except SourceError as e:
-                raise SourceError(f"{csv_path}, line {lineno}: {e}") from None
-            split = (row.get(split_col) or "").strip() if split_col else ""
-            split = _SPLIT_NAMES.get(split.lower(), split)
-            group = (row.get(group_col) or "").strip() if group_col else ""
-            records.append(ImageRecord(str(p), label, name, split, group))
+            key = tuple((k, (v or "").strip() if isinstance(v, str) else repr(v)) for k, v in row.items())
+            if key in seen:
+                duplicates.append(lineno)
+                continue
+            seen.add(key)
+            records.append(_csv_record(csv_path, lineno, row, columns, class_map))
+    if duplicates:
+        lines = ", ".join(map(str, duplicates[:5])) + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else "")
+        log.warning("%s: dropped %d exact duplicate row%s (line %s): each repeats an earlier row", csv_path,
+                    len(duplicates), "" if len(duplicates) == 1 else "s", lines)
     return records
+
+
+def _csv_columns(csv_path: Path, fields: Sequence[str]) -> dict:
+    """The manifest's column for each record field (None where it has none); a path column is required."""
+    path_col = _pick_column(fields, _PATH_COLUMNS)
+    if path_col is None:
+        raise SourceError(
+            f"{csv_path}: no path column. Found columns {fields}; name the column of image paths "
+            f"one of {list(_PATH_COLUMNS)}."
+        )
+    return {"path": path_col, "label": _pick_column(fields, _LABEL_COLUMNS),
+            "split": _pick_column(fields, _SPLIT_COLUMNS), "group": _pick_column(fields, _GROUP_COLUMNS),
+            "source": _pick_column(fields, _SOURCE_COLUMNS), "region": _pick_column(fields, _REGION_COLUMNS)}
+
+
+def _csv_record(csv_path: Path, lineno: int, row: dict, columns: dict, class_map) -> ImageRecord:
+    def cell(name: str) -> str:
+        return (row.get(columns[name]) or "").strip() if columns[name] else ""
+
+    raw = cell("path")
+    if not raw:
+        raise SourceError(f"{csv_path}, line {lineno}: empty {columns['path']!r}")
+    p = Path(path_cell(csv_path, lineno, row.get(columns["path"]) or "", raw))
+    if not p.is_absolute():
+        p = csv_path.parent / p
+    try:
+        label, name = _label_from_value(cell("label"), class_map)
+    except SourceError as e:
+        raise SourceError(f"{csv_path}, line {lineno}: {e}") from None
+    split = _SPLIT_NAMES.get(cell("split").lower(), cell("split"))
+    return _record(p, label, name, split, cell("group"), source=cell("source"), region=cell("region"))
 
 
 def records_from_paths(
@@ -228,12 +347,20 @@ def records_from_paths(
                 name = {1: "fractured", 0: "not_fractured"}.get(label, "")
         group = "" if groups is None else str(groups[i])
         split = "" if splits is None else _SPLIT_NAMES.get(str(splits[i]).lower(), str(splits[i]))
-        records.append(ImageRecord(p, label, name, split, group))
+        records.append(_record(p, label, name, split, group))
     return records
 
 
 def load_records(source, *, labels=None, groups=None, splits=None, class_map=None) -> tuple[list[ImageRecord], str]:
-    """Resolve ``source`` to records and a one-line description of it (kept in provenance)."""
+    """Resolve ``source`` to records and a one-line description of it (kept in provenance).
+
+    ``source`` is a folder, a CSV manifest, an image file, a list of image paths, or a mapping
+    ``{name: source}`` of several of these (a hospital or dataset each): every record of a mapped source
+    is tagged ``source=name`` (over any ``source`` column of its manifest), in the mapping's order.
+    ``labels=``, ``groups=`` and ``splits=`` apply to a single list of paths only.
+    """
+    if isinstance(source, Mapping):
+        return _records_of_sources(source, class_map, labels, groups, splits)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if not path.exists():
@@ -244,8 +371,8 @@ def load_records(source, *, labels=None, groups=None, splits=None, class_map=Non
             records, kind = records_from_folder(path, class_map), "folder"
         elif path.suffix.lower() == ".csv":
             records, kind = records_from_csv(path, class_map), "csv"
-        elif is_image_file(path):
-            records, kind = [ImageRecord(str(path))], "image"
+        elif is_image_file(path) or is_dicom_file(path):
+            records, kind = [_record(path)], "image"
         else:
             raise SourceError(f"source {str(source)!r} is neither a folder, a .csv manifest nor an image file")
         description = f"{kind}:{path.resolve()}"
@@ -253,7 +380,8 @@ def load_records(source, *, labels=None, groups=None, splits=None, class_map=Non
         try:
             items = list(source)
         except TypeError:
-            raise SourceError(f"source must be a folder, a CSV file or a list of image paths, not {type(source).__name__}") from None
+            raise SourceError(f"source must be a folder, a CSV file, a list of image paths or a mapping "
+                              f"{{name: source}}, not {type(source).__name__}") from None
         if items and not all(isinstance(p, (str, os.PathLike)) for p in items):
             raise SourceError("a list source must hold image paths (str or pathlib.Path)")
         records = records_from_paths(items, labels, groups, splits, class_map)
@@ -262,3 +390,23 @@ def load_records(source, *, labels=None, groups=None, splits=None, class_map=Non
         raise SourceError(f"source {source if isinstance(source, (str, os.PathLike)) else 'list'} holds no images "
                           f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return records, description
+
+
+def _records_of_sources(sources: Mapping, class_map, labels, groups, splits) -> tuple[list[ImageRecord], str]:
+    """load_records of a mapping {name: source}: each source's records tagged with its name."""
+    if any(v is not None for v in (labels, groups, splits)):
+        raise SourceError("labels=, groups= and splits= apply to a list of paths, not to a mapping of sources; "
+                          "give each source a CSV manifest with those columns instead")
+    if not sources:
+        raise SourceError("the mapping of sources is empty: give {name: folder, CSV or list of paths, ...}")
+    records, parts = [], []
+    for name, one in sources.items():
+        if not isinstance(name, str) or not name.strip() or "=" in name or "\x1f" in name:
+            raise SourceError(f"source name {name!r}: give each source a non-empty name without '=', "
+                              f"e.g. {{'fracatlas': 'data/fracatlas/manifest.csv'}}")
+        if isinstance(one, Mapping):
+            raise SourceError(f"source {name!r} is itself a mapping: give a folder, a CSV manifest or a list of paths")
+        found, description = load_records(one, class_map=class_map)
+        records.extend(replace(r, source=name.strip()) for r in found)
+        parts.append(f"{name.strip()}={description}")
+    return records, "sources:" + ";".join(parts)

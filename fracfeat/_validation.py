@@ -41,6 +41,77 @@ def grouped_folds(y, groups, n_splits: int = 5, seed: int = 0) -> list[tuple[np.
     return folds
 
 
+# What a leave-one-value-out CV can hold out, and the FeatureSet attribute holding each row's value.
+BY_VALUE = {"source": "sources", "region": "regions"}
+
+
+def values_of(fs: FeatureSet, what: str) -> np.ndarray:
+    """Each row's source or region (``what``), as str."""
+    if what not in BY_VALUE:
+        raise ConfigError(f"{what!r}: give 'source' or 'region'")
+    return np.asarray(getattr(fs, BY_VALUE[what]), dtype=object).astype(str)
+
+
+def leave_one_value_out(values, y, groups=None, what: str = "source") -> list[tuple[np.ndarray, np.ndarray]]:
+    """One fold per distinct value (sorted): its rows held out, every other row training.
+
+    Raises :class:`ConfigError` when a row has no value, fewer than 2 values exist, a value holds one
+    class only (its held-out ROC AUC would not exist), or a group (near-duplicates) spans two values.
+    """
+    values, y = np.asarray(values).astype(str), np.asarray(y)
+    missing = int((values == "").sum())
+    if missing:
+        raise ConfigError(f"cv={what!r} needs a {what} for every row; {missing} of {len(values)} have none. Give the "
+                          f"manifest a {what} column, or use a number of folds")
+    distinct = sorted(set(values.tolist()))
+    if len(distinct) < 2:
+        raise ConfigError(f"cv={what!r} holds out one {what} at a time and needs at least 2; every row has {what} "
+                          f"{distinct[0]!r}. Use a number of folds instead")
+    for value in distinct:
+        classes = np.unique(y[values == value])
+        if len(classes) < 2:
+            raise ConfigError(f"{what} {value!r} holds {'fractured' if classes[0] == 1 else 'not-fractured'} images "
+                              f"only ({int((values == value).sum())}), so it cannot be scored held out; merge it "
+                              f"with another {what}, or use a number of folds")
+    if groups is not None:
+        seen: dict[str, str] = {}
+        for g, value in zip(np.asarray(groups).astype(str).tolist(), values.tolist()):
+            if seen.setdefault(g, value) != value:
+                raise ConfigError(f"group {g!r} spans {what}s {seen[g]!r} and {value!r}: its near-duplicates would "
+                                  f"sit on both sides of a fold. Give its images one {what}, or split the group")
+    return [(np.flatnonzero(values != v), np.flatnonzero(values == v)) for v in distinct]
+
+
+def per_value_metrics(y, score, pred, values, groups=None, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Out-of-fold figures of each held-out value: ``{value: {"n", "n_fractured", "roc_auc", "sensitivity",
+    "specificity", "resampled"}}``, each metric ``{"value", "low", "high"}`` (:func:`bootstrap_ci`)."""
+    y, score, pred, values = np.asarray(y), np.asarray(score), np.asarray(pred), np.asarray(values).astype(str)
+    out = {}
+    for value in sorted(set(values.tolist())):
+        rows = values == value
+        ci = bootstrap_ci(y[rows], score[rows], pred[rows], None if groups is None else np.asarray(groups)[rows],
+                          n_boot=n_boot, seed=seed)
+        out[value] = {"n": int(rows.sum()), "n_fractured": int((y[rows] == 1).sum()),
+                      **{k: ci[k] for k in ("roc_auc", "sensitivity", "specificity")}, "resampled": ci["resampled"]}
+    return out
+
+
+def per_value_lines(table: dict, what: str) -> list[str]:
+    """:func:`per_value_metrics` as aligned text lines, with the mean ROC AUC over the values last."""
+    def cell(m):
+        return f"{m['value']:.3f} [{m['low']:.2f}-{m['high']:.2f}]"
+
+    width = max([len(what) + 9, *(len(v) for v in table)])
+    lines = [f"{'held-out ' + what:<{width}}  {'n':>5}  {'fract.':>6}  {'ROC AUC [95% CI]':<20}  "
+             f"{'sensitivity':<20}  {'specificity':<20}"]
+    for value, m in table.items():
+        lines.append(f"{value:<{width}}  {m['n']:>5}  {m['n_fractured']:>6}  {cell(m['roc_auc']):<20}  "
+                     f"{cell(m['sensitivity']):<20}  {cell(m['specificity']):<20}")
+    mean = float(np.mean([m["roc_auc"]["value"] for m in table.values()]))
+    lines.append(f"{'mean':<{width}}  {'':>5}  {'':>6}  {mean:.3f}")
+    return lines
+
+
 @dataclass
 class OutOfFold:
     """Out-of-fold predictions of one method: every row scored by the model of the fold that held it out."""

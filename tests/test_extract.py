@@ -85,7 +85,8 @@ def test_csv_manifest_with_groups(tmp_path, images):
 def test_real_fracatlas_manifest_rows(fracatlas, tmp_path):
     """A slice of the shared manifest, extracted straight from ../shared (no copies)."""
     rows = list(csv.DictReader(open(fracatlas / "manifest.csv")))
-    picked = [r for r in rows if r["use"] == "1"][:3] + [r for r in rows if r["use"] == "1" and r["label"] == "fractured"][:3]
+    used = [r for r in rows if r["use"] == "1"]
+    picked = [r for r in used if r["label"] != "fractured"][:3] + [r for r in used if r["label"] == "fractured"][:3]
     manifest = tmp_path / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -225,3 +225,39 @@ def test_svm_probabilities_follow_its_decision_function_on_a_first_small_local_s
     assert held["roc_auc"] > 0.5 and abs(held["roc_auc"] - result.fit.cv_score) < 0.25, (held, result.fit.cv_score)
     # The kept threshold carries over to unseen images (a look-up SVM's did not: sensitivity 0, specificity 1).
     assert held["balanced_accuracy"] > 0.6, held
+
+
+# -- label and leakage hygiene (issue 19, item 8) ---------------------------------------------------
+
+def test_one_image_under_both_classes_is_left_out_of_training_with_a_warning(tiny_features, caplog):
+    fs = tiny_features
+    rows = np.r_[np.arange(len(fs)), 0]  # the first image again (same bytes, same id) ...
+    both = fs.subset(rows)
+    y = both.y.copy()
+    y[-1] = 1 - y[0]  # ... under the other class
+    both = replace(both, y=y, paths=np.r_[fs.paths, ["/elsewhere/copy_of_first.jpg"]].astype(object))
+    with caplog.at_level("WARNING", logger="fracfeat"):
+        result = fit(both, **FAST)
+    assert result.n_train == len(fs) - 1  # both rows of that image left out
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "both classes" in warned and fs.paths[0] in warned and "copy_of_first.jpg" in warned
+
+
+def test_an_empty_group_cell_gets_its_own_group_and_grouped_cv_stays_on(tiny_features, caplog):
+    groups = tiny_features.groups.copy()
+    groups[0] = ""
+    with caplog.at_level("WARNING", logger="fracfeat"):
+        result = fit(replace(tiny_features, groups=groups), **FAST)
+    assert result.grouped
+    assert any("1 row has no group" in r.getMessage() for r in caplog.records)
+
+
+def test_rows_without_a_split_beside_test_rows_train_and_test_rows_stay_out(tiny_features, caplog):
+    fs = tiny_features
+    splits = np.array([""] * len(fs), dtype=object)
+    for label in (0, 1):
+        splits[np.flatnonzero(fs.y == label)[:4]] = "test"
+    with caplog.at_level("WARNING", logger="fracfeat"):
+        result = fit(replace(fs, splits=splits), **FAST)
+    assert result.n_train == len(fs) - 8 and set(result.scores) == {"cv", "test"}
+    assert any("no split" in r.getMessage() for r in caplog.records)

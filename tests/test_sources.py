@@ -247,3 +247,56 @@ def test_images_beside_class_folders_are_refused_not_dropped(tmp_path, real_imag
     with pytest.raises(SourceError, match=f"{stray.name}.*class folder") as err:
         load_records(root)
     assert str(base) in str(err.value)
+
+
+# -- label and leakage hygiene (issue 19, items 8 and 9) --------------------------------------------
+
+def test_an_exact_duplicate_csv_row_is_dropped_with_a_warning(tmp_path, real_images, caplog):
+    pos = _copy(real_images["fractured"][:2], tmp_path / "imgs")
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(f"path,label,group\nimgs/{pos[0].name},fractured,a\nimgs/{pos[1].name},fractured,b\n"
+                        f"imgs/{pos[0].name},fractured,a\n")
+    with caplog.at_level("WARNING", logger="fracfeat"):
+        records, _ = load_records(manifest)
+    assert [Path(r.path).name for r in records] == [pos[0].name, pos[1].name]
+    assert any("1 exact duplicate row" in r.getMessage() and "line 4" in r.getMessage() for r in caplog.records)
+
+
+def _dicom_bytes() -> bytes:
+    return b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\0" * 64
+
+
+def test_every_file_of_a_folder_becomes_a_row_a_failure_or_a_logged_skip(tmp_path, real_images, caplog):
+    from PIL import Image
+
+    root = tmp_path / "dataset"
+    fractured, normal = root / "fractured", root / "not_fractured"
+    _copy(real_images["fractured"][:1], fractured)
+    _copy(real_images["not_fractured"][:1], normal)
+    with Image.open(real_images["fractured"][1]) as img:
+        img.convert("L").resize((64, 64)).save(fractured / "a.gif")
+    shutil.copy(real_images["fractured"][2], fractured / "b.jfif")
+    shutil.copy(real_images["not_fractured"][1], normal / "c.jpe")
+    (fractured / "scan.dcm").write_bytes(_dicom_bytes())
+    (normal / "IM000001").write_bytes(_dicom_bytes())  # DICOM without a suffix: known by its preamble
+    (normal / "notes.txt").write_text("seen by Dr. X")
+    (normal / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with caplog.at_level("INFO", logger="fracfeat"):
+        records, _ = load_records(root)
+    names = {Path(r.path).name: r for r in records}
+    assert set(names) == {real_images["fractured"][0].name, real_images["not_fractured"][0].name,
+                          "a.gif", "b.jfif", "c.jpe", "scan.dcm", "IM000001"}
+    assert names["a.gif"].label == FRACTURED and names["c.jpe"].label == NOT_FRACTURED
+    assert names["scan.dcm"].failure == names["IM000001"].failure == "DICOM files are not supported yet"
+    assert not names["a.gif"].failure
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "2 files" in skipped[0] and "notes.txt" in skipped[0] and ".DS_Store" in skipped[0]
+
+
+def test_every_image_suffix_is_one_pillow_opens():
+    from PIL import Image
+
+    from fracfeat._sources import IMAGE_SUFFIXES
+
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    assert IMAGE_SUFFIXES <= readable, sorted(IMAGE_SUFFIXES - readable)
