@@ -18,8 +18,8 @@ import numpy as np
 
 from ._deps import require
 from ._featureset import DEFAULT_CLASSES
-from ._fit import quiet_optuna
 from ._images import load_image
+from ._metrics import expected_calibration_error, reliability_curve
 
 log = logging.getLogger("fracfeat")
 
@@ -189,6 +189,45 @@ def plot_score_distribution(y_true, scores, threshold: float | None = 0.5, class
     return fig
 
 
+# Colours of the per-source reliability curves (the curve of every image is black).
+SOURCE_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+
+
+def plot_reliability(y_true, scores, sources=None, n_bins: int = 10):
+    """Reliability diagram: each bin's mean P(fractured) against its observed fractured share, the diagonal
+    of perfect calibration, and the images per bin (printed at the points, drawn as bars below).
+
+    Bins are :func:`fracfeat._metrics.reliability_curve`'s ``n_bins`` equal-width bins. With ``sources``
+    (one name per image) naming several sources, each gets its own curve beside that of every image.
+    """
+    y, s = labels_and_scores(y_true, scores)
+    fig = _figure(4.8, 5.2)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    top.plot([0, 1], [0, 1], ls="--", color="#999", lw=1, label="perfectly calibrated")
+    if not len(y):
+        _unit_square(top, "", "observed fractured share", "Reliability (no images)", legend="upper left")
+        return fig
+    curve = reliability_curve(y, s, n_bins)
+    names = sorted({str(v) for v in sources} - {""}) if sources is not None else []
+    if len(names) > 1:
+        column = np.asarray(sources).astype(str)
+        for k, name in enumerate(names):
+            part = reliability_curve(y[column == name], s[column == name], n_bins)
+            top.plot(part["mean_predicted"], part["observed_rate"], "o-", ms=4, lw=1.2,
+                     color=SOURCE_COLORS[k % len(SOURCE_COLORS)], label=f"{name} (n={int(part['count'].sum())})")
+    top.plot(curve["mean_predicted"], curve["observed_rate"], "s-", ms=5, lw=2, color="black",
+             label=f"every image (n={len(y)})")
+    for x, r, c in zip(curve["mean_predicted"], curve["observed_rate"], curve["count"]):
+        top.annotate(str(int(c)), (x, r), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    _unit_square(top, "", "observed fractured share", f"Reliability: ECE {expected_calibration_error(y, s, n_bins):.3f}, "
+                 f"Brier {float(np.mean((s - y) ** 2)):.3f}", legend="upper left")
+    bottom.bar((curve["bin_low"] + curve["bin_high"]) / 2, curve["count"], width=0.9 / n_bins, color=CLASS_COLORS[0])
+    bottom.set_xlabel(f"mean predicted probability in the bin ({n_bins} equal-width bins)")
+    bottom.set_ylabel("images")
+    bottom.grid(alpha=0.3)
+    return fig
+
+
 def _trials(study, states):
     return [t for t in study.get_trials(deepcopy=False) if t.state in states]
 
@@ -246,6 +285,8 @@ def param_importances(study) -> tuple[dict, str]:
     family's trials instead. Returns ``({}, reason)`` when the trials cannot support an estimate.
     """
     import optuna
+
+    from ._fit import quiet_optuna  # here, not at the top: _fit -> _validation -> _report -> _plots is a cycle
 
     complete = _trials(study, (optuna.trial.TrialState.COMPLETE,))
     scope = "all completed trials"

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from ._plots import (
     plot_optimization_history,
     plot_param_importances,
     plot_precision_recall,
+    plot_reliability,
     plot_roc,
     plot_sample_grid,
     plot_score_distribution,
@@ -65,7 +67,8 @@ figure img{width:100%;height:auto;display:block} figcaption{color:#57606a;font-s
 
 _CARD_METRICS = (
     ("roc_auc", "ROC AUC"), ("balanced_accuracy", "balanced accuracy"), ("sensitivity", "sensitivity"),
-    ("specificity", "specificity"), ("pr_auc", "PR AUC"), ("f1", "F1"),
+    ("specificity", "specificity"), ("pr_auc", "PR AUC"), ("f1", "F1"), ("brier", "Brier score"),
+    ("ece", "calibration error (ECE)"),
 )
 
 
@@ -168,6 +171,15 @@ def _score_figures(out: Path, shown: _Shown) -> list[_Figure]:
     ]
 
 
+def _reliability_figure(out: Path, shown: _Shown, sources) -> _Figure:
+    """The reliability diagram of the shown rows (one curve per source when they come from several)."""
+    return _saved(out, "reliability.png", plot_reliability(shown.y, shown.s, sources),
+                  "Calibration: does P(fractured) mean what it says? Each point is a bin of 0.1 in predicted "
+                  "probability (its number of images above it, and in the bars below) at the share of those images "
+                  "that are fractured; on the dashed diagonal the probabilities are calibrated. ECE is the images' "
+                  "mean gap to the diagonal, Brier the mean squared error of the probabilities (both: lower is better).")
+
+
 def _tuning_figures(out: Path, study, scoring: str | None) -> list[_Figure]:
     """The plots of the Optuna study: optimization history and parameter importances."""
     return [
@@ -229,11 +241,45 @@ def _heading_html(shown: _Shown, title: str, notes) -> str:
     ])
 
 
-def _tables_html(summary: dict | None, metrics: dict | None) -> str:
-    """The summary table, then the metrics table when there are scalar metrics."""
+def _tables_html(summary: dict | None, metrics: dict | None, subgroups: dict | None = None) -> str:
+    """The summary table, the metrics table when there are scalar metrics, then a table per subgroup grouping."""
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_value_html(v)}</td></tr>" for k, v in (summary or {}).items())
     columns = _scalar_metrics(metrics or {})
-    return f"<h2>Summary</h2><table>{rows}</table>" + (f"<h2>Metrics</h2>{_metrics_table(columns)}" if columns else "")
+    return (f"<h2>Summary</h2><table>{rows}</table>" + (f"<h2>Metrics</h2>{_metrics_table(columns)}" if columns else "")
+            + "".join(_subgroup_table(key, values) for key, values in (subgroups or {}).items() if values))
+
+
+# Columns of a subgroup table: (heading, metric key, with its interval).
+SUBGROUP_COLUMNS = (
+    ("n", "n", False), ("positives", "n_positive", False), ("ROC AUC [95% CI]", "roc_auc", True),
+    ("sensitivity [95% CI]", "sensitivity", True), ("specificity [95% CI]", "specificity", True),
+    ("Brier", "brier", False), ("outside training", "outside_training", False),
+)
+
+
+def with_interval(metrics: dict, key: str, interval: bool = True) -> str:
+    """A subgroup's figure as tables show it: ``0.812 [0.701, 0.902]``; "n/a" where it is undefined (a
+    subgroup of one class has no ROC AUC)."""
+    value = metrics.get(key)
+    if value is None:
+        return "n/a"
+    text = format_value(value)
+    ci = (metrics.get("intervals") or {}).get(key) if interval else None
+    return f"{text} [{format_value(ci['low'])}, {format_value(ci['high'])}]" if ci else text
+
+
+def _subgroup_table(key: str, values: dict) -> str:
+    """The per-``key`` table (per source, per region) of the shown split's subgroups."""
+    head = f"<tr><th>{_esc(key)}</th>" + "".join(f"<th>{_esc(h)}</th>" for h, _, _ in SUBGROUP_COLUMNS) + "</tr>"
+    rows = "".join(
+        f"<tr><td>{_esc(value or '(not given)')}</td>"
+        + "".join(f"<td class=num>{_esc(with_interval(m, k, ci))}</td>" for _, k, ci in SUBGROUP_COLUMNS) + "</tr>"
+        for value, m in values.items())
+    resampled = next(iter(values.values())).get("intervals", {})
+    how = (f"{resampled.get('level', 0.95):.0%} intervals from {resampled.get('n_boot')} bootstrap replicates "
+           f"resampling {'near-duplicate groups as units' if resampled.get('resampled') == 'groups' else 'images'}")
+    return (f"<h2>Per {_esc(key)}</h2><p class=sub>{_esc(how)}; n/a: the subgroup lacks a class the figure needs."
+            f"</p><table class=subgroups id='per-{_esc(key)}'>{head}{rows}</table>")
 
 
 def _figures_html(figures: list[_Figure]) -> str:
@@ -248,10 +294,11 @@ def _figures_html(figures: list[_Figure]) -> str:
     return "".join(parts)
 
 
-def _page_html(shown: _Shown, *, title: str, notes, summary, metrics, figures, with_predictions: bool) -> str:
+def _page_html(shown: _Shown, *, title: str, notes, summary, metrics, subgroups, figures, with_predictions: bool) -> str:
     files = "<p class=sub>Files: <a href=metrics.json>metrics.json</a>" + (
         " · <a href=predictions.csv>predictions.csv</a>" if with_predictions else "") + "</p></main></body></html>\n"
-    return _heading_html(shown, title, notes) + _tables_html(summary, metrics) + _figures_html(figures) + files
+    return (_heading_html(shown, title, notes) + _tables_html(summary, metrics, subgroups) + _figures_html(figures)
+            + files)
 
 
 def _write_atomically(page: Path, text: str) -> Path:
@@ -278,6 +325,8 @@ def write_report(
     title: str = "fracfeat report",
     notes=(),
     n_samples: int = 24,
+    sources=None,
+    subgroups: dict | None = None,
 ) -> Path:
     """Write ``out_dir/index.html`` with its PNG plots, ``metrics.json`` and ``predictions.csv``.
 
@@ -312,6 +361,11 @@ def write_report(
         Warnings shown at the top of the page (e.g. a hold-out without groups).
     n_samples : int
         Radiographs in the sample grid.
+    sources : sequence of str, optional
+        The source of each image: the reliability diagram draws a curve per source when there are several.
+    subgroups : dict, optional
+        ``{"source": {value: metrics}, "region": {...}}`` (an :func:`fracfeat.evaluate` split's ``subgroups``):
+        a table per grouping, with the intervals.
 
     Returns
     -------
@@ -323,7 +377,7 @@ def write_report(
     shown = _shown(y_true, scores, threshold, y_pred, classes)
     with_paths = paths is not None and len(paths) > 0
     t0 = time.perf_counter()
-    figures = _score_figures(out, shown)
+    figures = _score_figures(out, shown) + [_reliability_figure(out, shown, sources)]
     if study is not None:
         figures += _tuning_figures(out, study, scoring)
     if with_paths:
@@ -332,8 +386,8 @@ def write_report(
     _write_metrics_json(out / "metrics.json", shown, metrics, summary)
     if with_paths:
         _write_predictions_csv(out / "predictions.csv", shown, paths)
-    page = _page_html(shown, title=title, notes=notes, summary=summary, metrics=metrics, figures=figures,
-                      with_predictions=with_paths)
+    page = _page_html(shown, title=title, notes=notes, summary=summary, metrics=metrics, subgroups=subgroups,
+                      figures=figures, with_predictions=with_paths)
     return _write_atomically(out / "index.html", page)
 
 
@@ -357,7 +411,7 @@ def _changed_params(estimator) -> dict:
 
 
 # Wrappers fit() puts around a classifier: the decision threshold, the SVM's calibrated probabilities.
-_WRAPPERS = ("FixedThresholdClassifier", "SigmoidCalibrated")
+_WRAPPERS = ("FixedThresholdClassifier", "SigmoidCalibrated", "LocalCalibration")
 
 
 def _unwrapped(estimator):
@@ -381,9 +435,6 @@ def describe_model(pipeline) -> dict:
         identities = dict.fromkeys(c.weights for c in cfgs)
         out["weights"] = ", ".join(f"{kind} {digest[:19]}…" if len(digest) > 20 else w
                                    for w in identities for kind, _, digest in [w.partition(":")])
-        trained = getattr(deep, "trained_on_", None) or {}
-        if trained.get("version") is not None:
-            out["trained on store version"] = f"{trained.get('store')} v{trained['version']}"
     steps = getattr(head, "steps", [("classifier", head)])
     out["pipeline"] = " → ".join(
         f"{name}: {est if isinstance(est, str) or est is None else type(est).__name__}"
@@ -418,8 +469,45 @@ def describe_fit(result) -> dict:
     return rows
 
 
+def trained_sources(pipeline) -> list[str]:
+    """The sources the model was trained on, where its feature step says (``trained_on_["sources"]``), else []."""
+    deep, _ = split_feature_step(pipeline)
+    trained = getattr(deep, "trained_on_", None) or {}
+    sources = trained.get("sources") or []
+    return [str(s) for s in (sources.keys() if isinstance(sources, dict) else sources) if str(s)]
+
+
+def _training_words(pipeline) -> str:
+    """Which data the model was trained on, in plain words, from its feature step's ``trained_on_``."""
+    deep, _ = split_feature_step(pipeline)
+    trained = getattr(deep, "trained_on_", None) or {}
+    if trained.get("version") is None:
+        return "not recorded (a classifier of feature arrays, or a model fitted outside fracfeat.fit)"
+    words = f"store {trained.get('store')} v{trained['version']}"
+    sources = trained_sources(pipeline)
+    return words + (f", images of source {', '.join(sources)}" if sources else ", source column not recorded")
+
+
+def _scoring_words(sources: np.ndarray) -> str:
+    """The evaluated images' sources with their counts: ``fracatlas (40), hbfmid (12)``."""
+    names, counts = np.unique(np.asarray(sources).astype(str), return_counts=True)
+    return ", ".join(f"{n or '(source not given)'} ({c})" for n, c in zip(names, counts))
+
+
+def _provenance(pipeline, sources: np.ndarray) -> tuple[dict, list[str]]:
+    """Summary rows saying what the model was trained on and what it is scored on, and a note when the scored
+    images come from sources the model was not trained on (where the model records its training sources)."""
+    trained = trained_sources(pipeline)
+    rows = {"trained on": _training_words(pipeline), "scored on sources": _scoring_words(sources)}
+    foreign = sorted({s for s in np.asarray(sources).astype(str) if s} - set(trained)) if trained else []
+    notes = [f"The model was trained on images of {', '.join(trained)} and is scored here on images of "
+             f"{', '.join(foreign)} too: figures on a source it was not trained on say how it transfers there, "
+             f"not how it does on its own source; see the per-source table."] if foreign else []
+    return rows, notes
+
+
 def report(model, features_or_source, out_dir, *, version="latest", study=None, split=None, summary=None,
-           title: str = "fracfeat report", notes=(), n_samples: int = 24):
+           title: str = "fracfeat report", notes=(), n_samples: int = 24, by=None, n_boot: int = 1000):
     """Evaluate ``model`` on labeled data and write the HTML report page.
 
     Parameters
@@ -444,6 +532,9 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
         Warnings shown at the top of the page.
     n_samples : int
         Radiographs in the sample grid.
+    by, n_boot
+        As for :func:`fracfeat.evaluate`: the groupings of the per-source and per-region tables, and the
+        bootstrap replicates of their intervals.
 
     Returns
     -------
@@ -460,7 +551,7 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
     if study is None and fit_result is not None:
         study = fit_result.study
     rows = predict_rows(pipeline, features_or_source, version=version)
-    metrics = checked_metrics(rows)
+    metrics = checked_metrics(rows, by=by, n_boot=n_boot)
     if split is None:
         split = next((s for s in ("test", "val", "held-out") if s in metrics), next(iter(metrics)))
     if split not in metrics:
@@ -470,20 +561,21 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
     data = features_or_source
     if isinstance(data, FeatureSet):
         data = f"rows of store {data.store} v{data.version_label}" if data.version_label else "a feature set"
+    elif isinstance(data, Mapping):
+        data = "sources " + ", ".join(str(name) for name in data)
     elif not isinstance(data, (str, os.PathLike)):
         data = f"{len(data)} images"
     evaluated = (f"{data}: {'every image' if split == 'all' else f'split {split!r}'}, {shown['n']} images "
                  f"({shown['n_positive']} {rows.classes[1]}), {shown['n_failed']} unreadable")
     # Data first, then the model, then how it was tuned; the caller's rows win.
-    table = {**(summary or {}), "evaluated on": evaluated, **describe_model(pipeline),
+    words, foreign = _provenance(pipeline, rows.column("source")[mask])
+    table = {**(summary or {}), "evaluated on": evaluated, **words, **describe_model(pipeline),
              **(describe_fit(fit_result) if fit_result is not None else {}), **(summary or {})}
-    if "store version" in table:
-        table.pop("trained on store version", None)
     page = write_report(
         out_dir, y_true=rows.y[mask], scores=rows.score[mask], y_pred=rows.pred[mask],
         threshold=decision_threshold(pipeline), paths=rows.paths[mask], study=study, classes=rows.classes,
         summary=table, metrics=metrics, scoring=getattr(fit_result, "scoring", None), title=title,
-        notes=[*getattr(fit_result, "alarms", ()), *ranking_alarms(metrics), *shift_alarms(metrics), *notes],
-        n_samples=n_samples,
+        notes=[*getattr(fit_result, "alarms", ()), *ranking_alarms(metrics), *shift_alarms(metrics), *foreign, *notes],
+        n_samples=n_samples, sources=rows.column("source")[mask], subgroups=shown.get("subgroups"),
     )
     return page, metrics

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from conftest import TINY
+from conftest import SHARED, TINY, manifest_rows
 from fracfeat import METRIC_KEYS, ConfigError, evaluate, extract, fit
-from fracfeat._metrics import binary_metrics
+from fracfeat._metrics import (DETAIL_KEYS, INTERVAL_KEYS, binary_metrics, bootstrap_intervals, predict_rows,
+                               reliability_curve, shift_alarms)
+
+HBFMID = SHARED / "data" / "hbfmid"
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +29,7 @@ def fitted(tiny_features):
 
 def test_keys_are_stable_and_values_agree_with_sklearn(fitted, tiny_features):
     report = evaluate(fitted, tiny_features)
-    assert list(report) == ["all"] and tuple(report["all"]) == METRIC_KEYS
+    assert list(report) == ["all"] and tuple(report["all"]) == METRIC_KEYS + DETAIL_KEYS
     m = report["all"]
     head = fitted.pipeline[1:]
     pred, proba = head.predict(tiny_features.X), head.predict_proba(tiny_features.X)[:, 1]
@@ -137,3 +143,145 @@ def test_the_cli_warns_when_a_model_ranks_inversely(fitted, flipped, tmp_path, p
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "warning: The model ranks inversely" in r.stderr
+
+
+# -- subgroups, intervals, calibration -------------------------------------------------------------
+
+def two_source_manifest(folder: Path, fracatlas: Path) -> Path:
+    """``folder/two_sources.csv``: 16 real FracAtlas radiographs (none of tiny_features'; their manifest's region
+    and group; the 2 of region hip are all fractured) and 9 HBFMID ones (their groups, no region), labeled,
+    with a ``source`` column. Paths point into the shared folders: no image is copied."""
+    rows = [r for r in manifest_rows() if r["use"] == "1"]
+    fractured = [r for r in rows if r["label"] == "fractured"][24:]
+    normal = [r for r in rows if r["label"] == "not_fractured"][24:]
+    picked = ([r for r in fractured if r["region"] in ("hand", "leg")][:6] + [r for r in fractured if r["region"] == "hip"][:2]
+              + [r for r in normal if r["region"] in ("hand", "leg")][:8])
+    with open(HBFMID / "manifest.csv", newline="") as f:
+        hbfmid = list(csv.DictReader(f))
+    others = [r for r in hbfmid if r["label"] == "fractured"][:6] + [r for r in hbfmid if r["label"] == "not_fractured"][:3]
+    path = folder / "two_sources.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group", "source", "region"])
+        w.writerows((fracatlas / r["path"], r["label"], r["group"], "fracatlas", r["region"]) for r in picked)
+        w.writerows((HBFMID / r["path"], r["label"], r["group"], "hbfmid", "") for r in others)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory, fracatlas) -> Path:
+    if not (HBFMID / "manifest.csv").is_file():
+        pytest.skip(f"HBFMID radiographs not found at {HBFMID}")
+    return two_source_manifest(tmp_path_factory.mktemp("two-sources"), fracatlas)
+
+
+def _each_figure_lies_in_its_interval(m: dict) -> None:
+    for key in INTERVAL_KEYS:
+        if m[key] is None:
+            assert m["intervals"][key] is None, key
+        else:
+            assert m["intervals"][key]["low"] <= m[key] <= m["intervals"][key]["high"], key
+
+
+def test_per_source_and_per_region_metrics_on_real_images_of_two_sources(fitted, two_sources):
+    report = evaluate(fitted, two_sources)
+    m = report["all"]
+    assert list(m)[-3:] == list(DETAIL_KEYS) and set(m["subgroups"]) == {"source", "region"}
+    for key, values in m["subgroups"].items():  # every image is counted once per grouping
+        assert sum(v["n"] for v in values.values()) == m["n"] == 25
+        assert sum(v["n_positive"] for v in values.values()) == m["n_positive"] == 14
+    source, region = m["subgroups"]["source"], m["subgroups"]["region"]
+    assert {k: (v["n"], v["n_positive"]) for k, v in source.items()} == {"fracatlas": (16, 8), "hbfmid": (9, 6)}
+    assert set(region) == {"", "hand", "hip", "leg"} and region[""]["n"] == 9
+    # Region hip holds fractured images only: what needs both classes is None, the counts are there.
+    hip = region["hip"]
+    assert (hip["n"], hip["n_positive"], hip["n_negative"]) == (2, 2, 0)
+    assert hip["roc_auc"] is None and hip["specificity"] is None and hip["balanced_accuracy"] is None
+    assert hip["intervals"]["roc_auc"] is None and hip["intervals"]["sensitivity"] is not None
+    for sub in [m, *source.values(), *region.values()]:
+        _each_figure_lies_in_its_interval(sub)
+    assert m["intervals"]["resampled"] == "groups" and m["intervals"]["n_boot"] == 1000
+    # A subgroup's figures are those of its rows.
+    rows = predict_rows(fitted, two_sources)
+    inside = rows.sources == "hbfmid"
+    assert source["hbfmid"]["roc_auc"] == pytest.approx(skm.roc_auc_score(rows.y[inside], rows.score[inside]))
+    assert source["hbfmid"]["brier"] == pytest.approx(skm.brier_score_loss(rows.y[inside], rows.score[inside]))
+    # Reliability: per split, and per source since there are two; the counts add up to the images.
+    assert sum(m["reliability"]["count"]) == 25
+    assert [sum(source[s]["reliability"]["count"]) for s in ("fracatlas", "hbfmid")] == [16, 9]
+    assert "reliability" not in region["hand"]
+    json.dumps(report)
+    assert evaluate(fitted, two_sources) == report  # seeded: the same intervals every time
+
+
+def test_by_picks_the_groupings_and_refuses_unknown_ones(fitted, two_sources, tiny_features):
+    assert set(evaluate(fitted, two_sources, by=("region",), n_boot=50)["all"]["subgroups"]) == {"region"}
+    assert evaluate(fitted, two_sources, by=(), n_boot=50)["all"]["subgroups"] == {}
+    assert evaluate(fitted, tiny_features, n_boot=50)["all"]["subgroups"] == {}  # no source, no region
+    with pytest.raises(ConfigError, match="by='ward'.*pick among them"):
+        evaluate(fitted, two_sources, by=("ward",))
+    with pytest.raises(ConfigError, match="no image of the data has a region"):
+        evaluate(fitted, tiny_features, by="region")
+
+
+def test_group_bootstrap_intervals_are_bootstrap_ci_s_on_real_predictions(fitted, tiny_features):
+    from fracfeat._validation import bootstrap_ci
+
+    head = fitted.pipeline[1:]
+    y, groups = tiny_features.y, tiny_features.groups
+    pred, score = head.predict(tiny_features.X), head.predict_proba(tiny_features.X)[:, 1]
+    ours = bootstrap_intervals(y, pred, score, groups, n_boot=100, seed=3)
+    theirs = bootstrap_ci(y, score, pred, groups, n_boot=100, seed=3)  # the same resamples, one at a time
+    for key in ("roc_auc", "sensitivity", "specificity", "balanced_accuracy"):
+        assert ours[key]["low"] == pytest.approx(theirs[key]["low"]) and ours[key]["high"] == pytest.approx(theirs[key]["high"])
+    # Brier, by hand over the same resamples of whole groups.
+    names = np.unique(groups.astype(str))
+    members = [np.flatnonzero(groups == g) for g in names]
+    rng = np.random.default_rng(3)
+    draws = [np.mean((score[idx] - y[idx]) ** 2) for idx in
+             (np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) for _ in range(100))]
+    assert [ours["brier"]["low"], ours["brier"]["high"]] == pytest.approx(list(np.percentile(draws, [2.5, 97.5])))
+    assert ours["resampled"] == "groups" and bootstrap_intervals(y, pred, score, n_boot=20)["resampled"] == "images"
+
+
+def test_reliability_curve_is_sklearn_s_calibration_curve_with_counts(fitted, tiny_features):
+    proba = fitted.pipeline[1:].predict_proba(tiny_features.X)[:, 1]
+    curve = reliability_curve(tiny_features.y, proba)
+    prob_true, prob_pred = calibration_curve(tiny_features.y, proba, n_bins=10, strategy="uniform")
+    assert curve["observed_rate"] == pytest.approx(prob_true) and curve["mean_predicted"] == pytest.approx(prob_pred)
+    assert curve["count"].sum() == len(proba) and (curve["count"] > 0).all()
+    assert ((curve["bin_low"] <= curve["mean_predicted"]) & (curve["mean_predicted"] <= curve["bin_high"])).all()
+
+
+def test_a_subgroup_mostly_outside_training_gets_the_shift_warning():
+    metrics = {"test": {"n": 30, "outside_training": 0.3 * 0.9, "subgroups": {"source": {
+        "hbfmid": {"n": 9, "outside_training": 0.9}, "fracatlas": {"n": 21, "outside_training": 0.0}}}}}
+    (split_warning, source_warning) = shift_alarms(metrics)
+    assert "27% of the images of split 'test' do not" in split_warning
+    assert "90% of the images of split 'test', source 'hbfmid' do not look like" in source_warning
+    noise = {"all": {"n": 30, "outside_training": 0.04, "subgroups": {"region": {
+        "hip": {"n": 2, "outside_training": 0.5}, "leg": {"n": 28, "outside_training": 1 / 28}}}}}
+    assert shift_alarms(noise) == []  # 1 image of 2: within what the training source's own images show
+    noise["all"]["subgroups"]["region"]["leg"]["outside_training"] = 0.5  # 14 of 28 is not chance
+    (warning,) = shift_alarms(noise)
+    assert warning.startswith("50% of the images of region 'leg' do not look like")
+    one_source = {"all": {"n": 9, "outside_training": 0.9, "subgroups": {"source": {"hbfmid": {"n": 9, "outside_training": 0.9}}}}}
+    assert len(shift_alarms(one_source)) == 1  # a subgroup that is the whole split is not warned of twice
+
+
+def test_the_cli_prints_the_per_subgroup_tables(fitted, two_sources, tmp_path, python, subprocess_env):
+    import subprocess
+
+    model = fitted.save(tmp_path / "m.joblib")
+    r = subprocess.run([python, "-m", "fracfeat", "evaluate", str(model), str(two_sources)], env=subprocess_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["metric", "all"]
+    at = lines.index("per source, every image (95% group-bootstrap intervals)")
+    assert lines[at + 1].split() == ["source", "n", "positives", "roc_auc", "sensitivity", "specificity", "brier",
+                                     "outside_training"]
+    assert lines[at + 2].split()[:3] == ["fracatlas", "16", "8"] and lines[at + 3].split()[:3] == ["hbfmid", "9", "6"]
+    assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", lines[at + 2])  # ROC AUC [low, high]
+    hip = next(line for line in lines if line.startswith("hip "))
+    assert hip.split()[1:4] == ["2", "2", "n/a"]  # one class: no ROC AUC, the counts shown
