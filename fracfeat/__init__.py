@@ -5,6 +5,7 @@ Public API (everything else lives in private modules)::
     from fracfeat import extract, fit, evaluate, report, run, load_model, presets, FeatureStore, FeatureSet, DeepFeatures
     from fracfeat import save_model  # a fitted Pipeline to a .joblib file, atomically
     from fracfeat import join_features  # features of several extractors side by side
+    from fracfeat import adapt, recalibrate  # a model to a new site: unlabeled images; a few labeled ones
 
 Importing fracfeat is cheap: TensorFlow/Keras, XGBoost, Optuna and matplotlib load only when used.
 """
@@ -50,6 +51,8 @@ __all__ = [
     "METRIC_KEYS",
     "FeatureSet",
     "join_features",
+    "adapt",
+    "recalibrate",
     "FeatureStore",
     "FracfeatError",
     "ConfigError",
@@ -63,14 +66,17 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    # DeepFeatures subclasses scikit-learn's BaseEstimator: load sklearn only when it is asked for.
-    if name == "DeepFeatures":
-        from ._transformer import DeepFeatures
+# Names whose modules import scikit-learn at their top (estimator classes): loaded when first asked for.
+_LAZY = {"DeepFeatures": "_transformer", "adapt": "_adapt", "recalibrate": "_recalibrate"}
 
-        return DeepFeatures
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'fracfeat' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | {"DeepFeatures"})
+    return sorted(set(globals()) | set(_LAZY))
