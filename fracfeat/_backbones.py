@@ -128,13 +128,13 @@ def resolve_weights(spec: BackboneSpec, weights) -> ResolvedWeights:
                 f"could not get Keras' ImageNet weights for {spec.name} ({type(e).__name__}: {e}). "
                 f"Offline? Put the file at ~/.keras/models/{spec.imagenet_file}, or pass weights='/path/to/weights.h5'."
             ) from None
-        return ResolvedWeights("imagenet", path, f"imagenet:sha256:{sha256_of_file(path)}")
+        return ResolvedWeights("imagenet", path, f"imagenet:sha256:{sha256_of_file(path, float('inf'))}")
     path = Path(os.fspath(weights)).expanduser()
     if not path.is_file():
         raise WeightsError(
             f"weights file {str(path)!r} not found: pass an existing Keras weights file, 'imagenet', or None"
         )
-    return ResolvedWeights("file", str(path.resolve()), f"file:sha256:{sha256_of_file(str(path))}")
+    return ResolvedWeights("file", str(path.resolve()), f"file:sha256:{sha256_of_file(str(path), float('inf'))}")
 
 
 def _seeded_random_weights(model, seed: int = 0) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import secrets
+import tempfile
 
 import numpy as np
 
-from ._errors import ModelError
+from ._errors import ConfigError, ModelError
+from ._faults import pause_point
 
 log = logging.getLogger("fracfeat")
 
@@ -42,25 +45,103 @@ def save_model(pipeline, path) -> str:
     import joblib
 
     model = getattr(pipeline, "pipeline", pipeline)  # a FitResult
-    path = os.fspath(path)
+    path = check_output_file(path, "the model path")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     # Unique per save, so concurrent saves to one path do not share a file; hidden, so a folder listing
     # of models does not show it. Mode "xb" creates it as joblib.dump would (0o666 less the umask).
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
+        os.makedirs(folder, exist_ok=True)
+        _remove_stale_temporaries(folder, os.path.basename(path))
         with open(tmp, "xb") as f:
             joblib.dump(model, f)
             f.flush()
             os.fsync(f.fileno())
+        pause_point("model")
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave the temporary file behind
+    except BaseException as e:  # KeyboardInterrupt too: never leave the temporary file behind
         try:
             os.remove(tmp)
         except OSError:
             pass
+        if isinstance(e, (OSError, pickle.PicklingError, TypeError, AttributeError)):
+            # a full disk, a folder gone read-only, a model holding something pickle cannot take (a lambda)
+            raise ModelError(f"cannot save the model to {path}: {_reason(e)}; nothing was written there (give "
+                             f"another location, or free space)") from e
         raise
     _sync_folder(folder)
+    return path
+
+
+def _reason(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+
+
+def _remove_stale_temporaries(folder: str, name: str) -> None:
+    """Remove the temporary files of saves to ``name`` whose process is gone (killed before its rename)."""
+    prefix = f".{name}."
+    for entry in os.listdir(folder):
+        pid = entry[len(prefix):].split("-", 1)[0]
+        if not (entry.startswith(prefix) and entry.endswith(".tmp") and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            continue  # alive: a save in progress
+        except ProcessLookupError:
+            pass
+        except OSError:  # alive, another user's
+            continue
+        try:
+            os.remove(os.path.join(folder, entry))
+        except OSError:
+            pass
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _check_writable(folder: str, option: str, path: str) -> None:
+    """``folder`` (which will hold ``path``) and each folder above it that exists is a folder, and the
+    nearest existing one can be written in (the missing ones are made there)."""
+    existing = _nearest_existing(os.path.abspath(folder))
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{option} {path}: {existing} is a file, not a folder; give a path inside a folder")
+    try:  # a real write: os.access says yes to root where the file system (read-only, /sys) says no
+        fd, probe = tempfile.mkstemp(prefix=".fracfeat-write-check-", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot write in {existing} ({_reason(e)}); give a location you can "
+                          f"write to") from None
+
+
+def check_output_file(path, option: str = "path") -> str:
+    """``path`` (as a str) where a file can be written, or a ConfigError naming the problem and the fix.
+
+    Checked before any work, so a long tuning never ends in a location that cannot take its result: the
+    path must not be a folder, each folder above it that exists must be a folder, and the nearest one
+    must be writable (folders still missing are made when the file is written).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{option} {path} is a folder: give a file path, e.g. "
+                          f"{os.path.join(path, 'model.joblib')}")
+    _check_writable(os.path.dirname(os.path.abspath(path)), option, path)
+    return path
+
+
+def check_output_folder(path, option: str = "path") -> str:
+    """``path`` (as a str) where a folder can be made or written in, or a ConfigError naming the problem."""
+    path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{option} {path} is a file, not a folder: give a folder path (it is made if missing)")
+    _check_writable(path, option, path)
     return path
 
 

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from ._errors import ConfigError, UnreadableImagesError
 from ._featureset import DEFAULT_CLASSES
 from ._metrics import alarm_of, split_feature_step
 from ._model_io import pipeline_of
@@ -16,6 +17,17 @@ def class_names(model) -> tuple[str, str]:
     deep, _ = split_feature_step(pipeline_of(model))
     trained = getattr(deep, "trained_on_", None) or {}
     return tuple(trained.get("classes") or DEFAULT_CLASSES)
+
+
+def features_of_images(deep, paths: list[str]) -> np.ndarray:
+    """The feature step's rows of every image, or one error naming each file that cannot be read."""
+    if not paths:
+        raise ConfigError("predict got no images: give a list of one or more image paths")
+    X, _, failures = deep.features_of_paths(paths)
+    if failures:
+        raise UnreadableImagesError([(paths[i], reason) for i, reason in failures], len(paths),
+                                    "fix them or leave them out of predict's images")
+    return X
 
 
 def predict(model, images) -> list[dict]:
@@ -45,7 +57,7 @@ def predict(model, images) -> list[dict]:
     pipeline = pipeline_of(model)
     deep, head = split_feature_step(pipeline)
     paths = [os.fspath(p) for p in images]
-    X = paths if deep is None else deep.transform(paths)  # the features once, for the classifier and the alarm
+    X = paths if deep is None else features_of_images(deep, paths)  # once, for the classifier and the alarm
     proba, labels = head.predict_proba(X)[:, 1], head.predict(X)
     alarm = alarm_of(pipeline)
     outside = [None] * len(paths) if alarm is None else [bool(v) for v in alarm.predict(np.asarray(X))]

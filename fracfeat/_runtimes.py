@@ -160,7 +160,7 @@ _CACHE_SUMS = "sha256.json"
 
 
 def _cache_sums(entry: Path) -> dict:
-    return {name: sha256_of_file(str(entry / name)) for name in ("model.xml", "model.bin", "versions.json")}
+    return {name: sha256_of_file(str(entry / name), float('inf')) for name in ("model.xml", "model.bin", "versions.json")}
 
 
 def _check_cache_entry(entry: Path) -> None:

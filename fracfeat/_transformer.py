@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._config import ExtractorConfig, ExtractorSettings, settings_doc
 from ._engine import FeatureEngine, verified_weights
-from ._errors import ConfigError
+from ._errors import ConfigError, UnreadableImagesError, check_finite_rows
 
 
 class DeepFeatures(TransformerMixin, BaseEstimator):
@@ -149,18 +149,26 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         Raises
         ------
         fracfeat.ImageError
-            A file cannot be read or decoded (a prediction needs every row).
+            Files cannot be read or decoded (a prediction needs every row): the message names each.
+        fracfeat.FracfeatError
+            An image's features hold NaN or inf (``FeatureError``: the message names the images).
         fracfeat.WeightsError
             The weights are not the ones the features were made with.
         """
         check_is_fitted(self, "config_")
         kind, items = _as_images(X)
         if kind == "paths":
-            feats, _, _ = self.features_of_paths(items, strict=True)
+            feats, _, failures = self.features_of_paths(items)
+            if failures:
+                raise UnreadableImagesError([(os.fspath(items[i]), reason) for i, reason in failures], len(items),
+                                            "fix them or leave them out (features_of_paths() skips them and says "
+                                            "which)", what="DeepFeatures.transform needs every image: ")
             return feats
         batches = self.engine().iter_array_features(items, batch_size=self.batch_size, workers=self.workers)
         out = [batch.features for batch in batches]
-        return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+        feats = np.concatenate(out) if out else np.empty((0, 0), np.float32)
+        self._check_finite(feats, [f"image {i} of the array" for i in range(len(feats))])
+        return feats
 
     def features_of_paths(self, paths, strict=False):
         """Features of the readable files, their positions, and ``(position, reason)`` of the others.
@@ -178,7 +186,14 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
                 idx.append(batch.indices)
         if not feats:
             return np.empty((0, 0), np.float32), np.empty(0, np.int64), failures
-        return np.concatenate(feats), np.concatenate(idx), failures
+        feats, idx = np.concatenate(feats), np.concatenate(idx)
+        self._check_finite(feats, [paths[i] for i in idx])
+        return feats, idx, failures
+
+    def _check_finite(self, feats, names) -> None:
+        check_finite_rows(feats, names, what=describe_extractor(self), rows="images give NaN or inf features",
+                          fix="these images cannot be scored: leave them out; if every image gives them, the "
+                              "backbone's weights hold NaN or inf: extract and fit again with intact weights")
 
     def engine(self):
         """The feature engine, built (and its weights verified) on first use."""

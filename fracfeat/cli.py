@@ -1,8 +1,11 @@
 """The ``fracfeat`` command line: parse, call the public API, print.
 
 Results go to stdout; diagnostics go through the ``fracfeat`` logger to stderr. A user error (any
-:class:`fracfeat.FracfeatError`) prints one line to stderr and exits with status 1, without a
-traceback; ``--verbose`` shows debug logging.
+:class:`fracfeat.FracfeatError`) prints one line to stderr, ``fracfeat: error: <problem>; <fix>``, and
+exits with status 1, without a traceback (``--verbose`` adds it, and debug logging); so does an error
+of the operating system (a full disk, a permission refused). Usage errors (a missing argument, ``--seed
+abc``) are argparse's: usage and exit status 2. What a command will write (``--out``, ``--report``) and
+its tuning options are checked before it reads an image or tunes (:func:`check_arguments`).
 
 Options of extraction and tuning default to None and are passed on only when given, so the API's
 defaults apply, or a ``--preset``'s settings, which options given on the command line override.
@@ -19,15 +22,17 @@ import os
 import sys
 from dataclasses import asdict
 
+from ._adapt import adapt
 from ._config import ExtractorSettings
-from ._errors import FracfeatError, StoreError
+from ._errors import ConfigError, FracfeatError, StoreError, UnreadableImagesError
 from ._extract import extract
-from ._fit import fit
+from ._fit import check_storage, check_tuning, fit, quiet_optuna
 from ._metrics import evaluate
-from ._model_io import load_model, save_model
+from ._model_io import check_output_file, check_output_folder, load_model, save_model
 from ._plots import format_value
 from ._predict import predict
 from ._presets import presets
+from ._recalibrate import recalibrate
 from ._report import report
 from ._run import run
 from ._store import FeatureStore, version_list
@@ -190,6 +195,8 @@ def cmd_store_verify(args) -> int:
         print(f"v{r.version}  {'ok' if r.ok else 'DAMAGED'}  {r.path}")
         for problem in r.problems:
             print(f"    {problem}")
+        for note in r.notes:  # checks an older file cannot have: not damage
+            print(f"    note: {note}")
     if bad:
         print(f"fracfeat: error: {len(bad)} of {len(reports)} versions of {args.store} are damaged "
               f"({', '.join(f'v{r.version}' for r in bad)}); re-extract them into a new store", file=sys.stderr)
@@ -210,7 +217,12 @@ def _add_tuning_options(p: argparse.ArgumentParser, api) -> None:
                    help=f"logreg, svm, xgboost, or auto (searches the three) (default: {d['classifier']})")
     g.add_argument("--trials", type=int, default=None, metavar="N", help=f"Optuna trials (default: {d['n_trials']})")
     g.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
-    g.add_argument("--cv", type=int, default=None, metavar="K", help=f"cross-validation folds (default: {d['cv']})")
+    g.add_argument("--cv", type=_cv_arg, default=None, metavar="K|source|region",
+                   help=f"cross-validation folds, or source / region: hold out one source (NAME=PATH sources, or "
+                        f"a manifest's source column) or body region (a region column) per fold (default: {d['cv']})")
+    g.add_argument("--balance", default=None, choices=("classes", "source", "region"),
+                   help="weigh training rows so both classes weigh the same within each source (region), and "
+                        "every source (region) the same; classes: class balance only (default: unweighted)")
     g.add_argument("--scoring", default=None, help=f"scikit-learn scorer to maximize (default: {d['scoring']})")
     g.add_argument("--seed", type=int, default=None,
                    help=f"seeds sampler, folds and classifiers (default: {d['seed']})")
@@ -222,10 +234,35 @@ def _add_tuning_options(p: argparse.ArgumentParser, api) -> None:
     g.add_argument("--study-name", default=None, help="name of the study in --storage")
 
 
+def _cv_arg(text: str):
+    """``--cv``: a number of folds, or source / region (leave one out)."""
+    if text in ("source", "region"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of folds, source or region") from None
+
+
+class _SourcesAction(argparse.Action):
+    """``run``'s sources: one PATH, or several NAME=PATH (a mapping {name: path}, in the order given)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        named = [v.partition("=") for v in values]
+        if len(values) == 1 and (not named[0][1] or os.path.exists(values[0]) or "/" in named[0][0]):
+            return setattr(namespace, self.dest, values[0])  # one PATH (which may hold a "=")
+        if not all(sep and name and path for name, sep, path in named):
+            parser.error("several sources are given as NAME=PATH each, e.g. fracatlas=data/fracatlas/manifest.csv "
+                         "hbfmid=data/hbfmid")
+        if len({name for name, _, _ in named}) < len(named):
+            parser.error("two sources share one NAME: give each NAME=PATH its own name")
+        setattr(namespace, self.dest, {name: path for name, _, path in named})
+
+
 def _tuning_kwargs(args) -> dict:
     options = _given(classifier=args.classifier, n_trials=args.trials, timeout=args.timeout, cv=args.cv,
                      scoring=args.scoring, seed=args.seed, storage=args.storage, study_name=args.study_name,
-                     preset=args.preset)
+                     preset=args.preset, balance=args.balance)
     if args.threshold is not None:  # given: "none" asks for no threshold, which is not the same as not given
         options["threshold"] = None if args.threshold.lower() in ("none", "") else args.threshold
     return {**options, "progress": not args.quiet}
@@ -267,6 +304,8 @@ def cmd_fit(args) -> int:
     print(f"best parameters: {json.dumps(result.best_params, default=str)}")
     if result.threshold is not None:
         print(f"decision threshold: {result.threshold:.4f}")
+    if result.cv_by_value:
+        print(result.by_value_text())
     print(f"model: {args.out}")
     return 0
 
@@ -282,6 +321,7 @@ def _data_arg(text: str):
 def cmd_evaluate(args) -> int:
     model = load_model(args.model)
     data, version = _data_arg(args.data)
+    by = None if args.by is None else tuple(k for k in args.by.replace(" ", "").split(",") if k and k != "none")
     if args.report:
         study = None
         if args.storage:
@@ -289,21 +329,40 @@ def cmd_evaluate(args) -> int:
 
             study = optuna.load_study(study_name=args.study_name, storage=args.storage)
         page, metrics = report(model, data, args.report, version=version, study=study, split=args.split,
-                               title=f"fracfeat evaluation of {os.path.basename(args.model)}")
+                               title=f"fracfeat evaluation of {os.path.basename(args.model)}", by=by)
         log.info("report: %s", page)
     else:
-        metrics = evaluate(model, data, version=version)
+        metrics = evaluate(model, data, version=version, by=by)
     if args.json:
         _print_json(metrics)
-    else:
-        _print_metrics(metrics)
-        if args.report:
-            print(f"report: {os.path.join(args.report, 'index.html')}")
+        return 0
+    _print_metrics(metrics)
+    # Then one table per split and grouping: each subgroup's figures with their 95% group-bootstrap intervals.
+    columns = (("n", "n", 6, False), ("positives", "n_positive", 10, False), ("roc_auc", "roc_auc", 22, True),
+               ("sensitivity", "sensitivity", 22, True), ("specificity", "specificity", 22, True),
+               ("brier", "brier", 8, False), ("outside_training", "outside_training", 18, False))
+    for split, m in metrics.items():
+        for key, values in (m.get("subgroups") or {}).items():
+            print(f"\nper {key}, {'every image' if split == 'all' else f'split {split}'} (95% group-bootstrap intervals)")
+            print(key.ljust(18) + "".join(h.rjust(w) for h, _, w, _ in columns))
+            for value, sub in values.items():
+                cells = []
+                for _, k, w, ci in columns:
+                    v, iv = sub.get(k), (sub.get("intervals") or {}).get(k) if ci else None
+                    text = "n/a" if v is None else format_value(v)
+                    cells.append((f"{text} [{format_value(iv['low'])}, {format_value(iv['high'])}]" if iv
+                                  else text).rjust(w))
+                print((value or "(not given)")[:17].ljust(18) + "".join(cells))
+    if args.report:
+        print(f"report: {os.path.join(args.report, 'index.html')}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    rows = predict(args.model, args.images)
+    try:
+        rows = predict(args.model, args.images)
+    except UnreadableImagesError as e:  # the API's message names predict's list; here the arguments are the list
+        raise e.with_fix("fix them or leave them out of the IMAGE arguments") from None
     if args.format == "json":
         _print_json(rows)
     else:
@@ -314,11 +373,64 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _share(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def cmd_adapt(args) -> int:
+    data, version = _data_arg(args.source)
+    adapted = adapt(args.model, data, method=args.method, min_images=args.min_images, version=version)
+    save_model(adapted, args.out)
+    info = adapted.adapted_to_
+    if args.json:
+        _print_json({**info, "model": args.out})
+        return 0
+    print(f"adapted to {info['n_images']} images ({info['n_failed']} unreadable), method {info['method']}, "
+          f"training statistics from the {info['statistics']}")
+    print("shift alarm".ljust(24) + "before".rjust(8) + "after".rjust(8))
+    print("images flagged".ljust(24) + _share(info["outside_training_before"]).rjust(8)
+          + _share(info["outside_training_after"]).rjust(8))
+    print(f"model: {args.out}")
+    return 0
+
+
+def _interval(m: dict) -> str:
+    return f"{format_value(m['value'], 2)} [{format_value(m['low'], 2)}-{format_value(m['high'], 2)}]"
+
+
+def cmd_recalibrate(args) -> int:
+    data, version = _data_arg(args.source)
+    model = recalibrate(args.model, data, method=args.method, min_labels=args.min_labels,
+                        min_per_class=args.min_per_class, force=args.force, version=version)
+    save_model(model, args.out)
+    r = model.recalibrated_to_
+    if args.json:
+        _print_json({**r, "model": args.out})
+        return 0
+    rows = [
+        ("labeled images", f"{r['n_labels']} ({r['n_positive']} fractured, {r['n_negative']} not)"),
+        ("Platt slope", f"{r['slope']:+.3f} [{r['slope_low']:+.3f} to {r['slope_high']:+.3f}]"),
+        ("threshold", f"{r['threshold']:.3f} (bootstrap {r['threshold_low']:.3f}-{r['threshold_high']:.3f})"),
+        ("ROC AUC (local)", _interval(r["roc_auc"])),
+        ("sensitivity (oof)", _interval(r["sensitivity"])),
+        ("specificity (oof)", _interval(r["specificity"])),
+        ("Brier before / after", f"{r['brier_before']:.3f} / {r['brier_after']:.3f} (out of fold "
+                                 f"{r['brier_out_of_fold']:.3f})"),
+    ]
+    for name, value in rows:
+        print(name.ljust(22) + value)
+    print(f"model: {args.out} ({r['method']}; intervals: 95%, {r['n_boot']} resamples of "
+          f"{r['resampled']})")
+    return 0
+
+
 def cmd_run(args) -> int:
     options = {**_extract_kwargs(args), **_tuning_kwargs(args)}  # both carry progress=
     result = run(args.source, args.out, store=args.store, **options,
                  **_given(augment=args.augment, test_size=args.test_size))
     print(f"held out: {result.holdout}")
+    if result.fit.cv_by_value:
+        print(result.fit.by_value_text())
     _print_metrics(result.metrics)
     print(f"model: {result.model_path}")
     print(f"report: {result.report_path}")
@@ -416,6 +528,9 @@ def _add_evaluate_command(sub, common) -> None:
     p.add_argument("--split", default=None, help="split the report's plots show (default: test, else val, else all)")
     p.add_argument("--storage", default=None, metavar="URL", help="Optuna storage of the tuning study (adds its plots)")
     p.add_argument("--study-name", default=None, help="the study's name in --storage")
+    p.add_argument("--by", default=None, metavar="KEYS",
+                   help="break the figures down by these manifest columns, comma-separated: source, region "
+                        "(default: each the data has; 'none' for no subgroup tables)")
     _json_option(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -429,6 +544,47 @@ def _add_predict_command(sub, common) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _site_arguments(p: argparse.ArgumentParser, source_help: str, what: str) -> None:
+    """MODEL, SOURCE and --out NEW.joblib of adapt and recalibrate."""
+    p.add_argument("model", help="model file (.joblib)")
+    p.add_argument("source", help=source_help)
+    p.add_argument("--out", required=True, metavar="NEW.joblib", help=f"where to save the {what} model")
+
+
+def _add_adapt_command(sub, common) -> None:
+    d = {name: param.default for name, param in inspect.signature(adapt).parameters.items()}
+    p = sub.add_parser("adapt", parents=[common], help="adapt a model to a new site's images (no labels needed)",
+                       description="Re-standardize the features of a new site's images onto the model's "
+                                   "training images' (per-feature mean and spread) and save the adapted model. "
+                                   "It assumes the site's fracture rate is like the training images'; it "
+                                   "repairs the operating point, not the ranking.")
+    _site_arguments(p, "the site's images: a folder, a CSV manifest, or a store DIR[@VERSION] made with the "
+                       "model's extractor", "adapted")
+    p.add_argument("--method", choices=("standardize",), default=d["method"], help="(default: %(default)s)")
+    p.add_argument("--min-images", type=int, default=d["min_images"],
+                   help="refuse fewer readable images than this (default: %(default)s)")
+    _json_option(p)
+    p.set_defaults(func=cmd_adapt)
+
+
+def _add_recalibrate_command(sub, common) -> None:
+    d = {name: param.default for name, param in inspect.signature(recalibrate).parameters.items()}
+    p = sub.add_parser("recalibrate", parents=[common],
+                       help="refit a model's probabilities and threshold on labeled images of a new site",
+                       description="Fit Platt scaling (or isotonic regression) on the model's log-odds of a "
+                                   "site's labeled images, take the threshold from a class-balanced Platt fit, "
+                                   "and save the model; refuses when the slope says the model does not rank "
+                                   "these images.")
+    _site_arguments(p, "labeled images: class folders, a CSV with labels, or a store DIR[@VERSION]", "recalibrated")
+    p.add_argument("--method", choices=("platt", "isotonic"), default=d["method"], help="(default: %(default)s)")
+    p.add_argument("--min-labels", type=int, default=d["min_labels"], help="(default: %(default)s)")
+    p.add_argument("--min-per-class", type=int, default=d["min_per_class"], help="(default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="save the model even when it does not rank these images (slope <= 0)")
+    _json_option(p)
+    p.set_defaults(func=cmd_recalibrate)
+
+
 def _add_run_command(sub, common) -> None:
     d = {name: param.default for name, param in inspect.signature(run).parameters.items()}
     p = sub.add_parser("run", parents=[common], help="the main job: extract, tune, evaluate on held-out images, report",
@@ -439,7 +595,9 @@ def _add_run_command(sub, common) -> None:
                                    "4,083 FracAtlas images in under 7 minutes on 2 cores (50 trials of "
                                    "--classifier auto: 47 minutes; 30 of svm: under a minute); --trials, "
                                    "--timeout and --classifier go further.")
-    p.add_argument("source", help="labeled images: class folders, train/val/test folders, or a CSV manifest")
+    p.add_argument("source", nargs="+", action=_SourcesAction, metavar="SOURCE|NAME=PATH",
+                   help="labeled images: class folders, train/val/test folders, or a CSV manifest; several "
+                        "sources as NAME=PATH each (rows keep their source's NAME: --cv source, --balance source)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_extract_options(p, store_default=None, views=False)
     p.add_argument("--store", default=None, help="feature store folder (default: OUT/store)")
@@ -471,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fracfeat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_command in (_add_extract_command, _add_store_command, _add_fit_command, _add_evaluate_command,
-                        _add_predict_command, _add_run_command, _add_presets_command):
+                        _add_predict_command, _add_run_command, _add_presets_command, _add_adapt_command,
+                        _add_recalibrate_command):
         add_command(sub, common)
     return parser
 
@@ -503,24 +662,75 @@ def _one_line(message) -> str:
     return " ".join(str(message).split())
 
 
+# The option naming what each command writes, and whether it is a file or a folder.
+OUTPUT_OPTIONS = {"fit": ("out", "file"), "adapt": ("out", "file"), "recalibrate": ("out", "file"),
+                  "run": ("out", "folder"), "evaluate": ("report", "folder")}
+
+
+def check_arguments(args) -> None:
+    """Check what a command will write, and its tuning options, before it reads or computes anything:
+    a mistake there must not surface after an hour of tuning. Each check raises a FracfeatError."""
+    option, kind = OUTPUT_OPTIONS.get(args.command, (None, None))
+    if option and getattr(args, option, None) is not None:
+        (check_output_file if kind == "file" else check_output_folder)(getattr(args, option), f"--{option}")
+    if args.command in ("fit", "run"):
+        api = run if args.command == "run" else fit
+        defaults = {name: p.default for name, p in inspect.signature(api).parameters.items()}
+        given = {**defaults, **_tuning_kwargs(args)}  # the API's defaults (a preset's values are valid ones)
+        check_tuning(given["classifier"], given["n_trials"], given["cv"], given["scoring"], given["threshold"],
+                     seed=given["seed"], storage=given["storage"])
+    if args.command == "evaluate" and args.storage:
+        check_study(args.storage, args.study_name)
+
+
+def check_study(storage: str, study_name: str | None) -> None:
+    """The study ``--storage``/``--study-name`` name exists, or a ConfigError naming the studies there."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    check_storage(storage)
+    url = make_url(storage)
+    if url.get_backend_name() == "sqlite" and url.database and not os.path.isfile(url.database):
+        raise ConfigError(f"--storage {storage}: there is no SQLite file {url.database}; give the storage that "
+                          f"`fracfeat fit --storage` (or run) tuned in")
+    try:
+        with quiet_optuna():
+            names = optuna.get_all_study_names(storage)
+    except Exception as e:  # a database of another program, an unreachable server
+        raise ConfigError(f"--storage {storage} cannot be read as an Optuna storage ({type(e).__name__}: "
+                          f"{_one_line(e)}); give the storage `fracfeat fit --storage` tuned in") from None
+    held = ", ".join(names) or "no study at all"
+    if study_name is None and len(names) != 1:
+        raise ConfigError(f"--storage {storage} holds {held}: give --study-name")
+    if study_name is not None and study_name not in names:
+        raise ConfigError(f"no study {study_name!r} in {storage} (it holds {held}); give --study-name one of those")
+
+
 def main(argv=None) -> int:
     """Run the ``fracfeat`` command line; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.quiet, args.verbose)
     try:
+        check_arguments(args)
         return int(args.func(args) or 0)
     except FracfeatError as e:
         if args.verbose:
             log.debug("traceback of the error below", exc_info=True)
         print(f"fracfeat: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as e:  # the file system's refusal, not fracfeat's: name the file and the reason
+        if isinstance(e, BrokenPipeError):  # `fracfeat store list DIR | head`
+            sys.stderr.close()
+            return 0
+        log.debug("traceback of the error below", exc_info=True)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fracfeat: error: {where}{_one_line(e.strerror or e)} (--verbose shows where it happened)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("fracfeat: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `fracfeat store list DIR | head`
-        sys.stderr.close()
-        return 0
 
 
 if __name__ == "__main__":

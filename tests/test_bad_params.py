@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import TINY
 from fracfeat import ConfigError, SourceError, WeightsError, extract
+from fracfeat._errors import FeatureError
 
 
 @pytest.fixture()
@@ -27,6 +30,8 @@ def one_image(real_images) -> list[str]:
         (dict(truncated="skip"), ConfigError, r"truncated='skip': choose one of read, reject"),
         (dict(batch_size=0), ConfigError, r"batch_size=0: give a positive integer"),
         (dict(checkpoint_every=0), ConfigError, r"checkpoint_every=0: give a positive integer"),
+        (dict(image_size=100000), ConfigError, r"image_size=100000 is above the 2048 px fracfeat takes.*pass image_size"),
+        (dict(image_size=1024, tiles=4), ConfigError, r"tiles=4 of 1024 px make a 2560 px image.*above the 2048 px"),
         (dict(weights="/nonexistent/vgg16.h5"), WeightsError, r"weights file '/nonexistent/vgg16.h5' not found: pass"),
     ],
 )
@@ -93,3 +98,179 @@ def test_unmappable_labels(tmp_path, one_image):
         extract(folder, class_map={"broken": "yes"}, store=tmp_path / "store", **TINY)
     with pytest.raises(SourceError, match=r"labels has 2 entries but there are 1 paths; give one per path"):
         extract(one_image, labels=[1, 0], store=tmp_path / "store", **TINY)
+
+
+# -- manifests: encoding and path cells (issue 19, items 14 and 15) ------------------------------------------
+
+def test_manifest_that_is_not_utf8_names_the_line_and_the_fix(tmp_path, one_image):
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(f"path,label\n{one_image[0]},fractured\nRöntgen.jpg,fractured\n".encode("latin-1"))
+    with pytest.raises(SourceError, match=r"m\.csv, line 3: not UTF-8 \(byte 0xf6.*save the manifest as UTF-8"):
+        extract(csv, store=tmp_path / "store", **TINY)
+    # UTF-8 with a byte-order mark (as Excel writes it) is read
+    csv.write_bytes(f"path,label\n{one_image[0]},fractured\n".encode("utf-8-sig"))
+    assert len(extract(csv, store=tmp_path / "store", **TINY)) == 1
+
+
+def test_manifest_path_with_a_nul_byte(tmp_path, one_image):
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"path,label\n{one_image[0]},fractured\nscan\0.jpg,fractured\n")
+    with pytest.raises(SourceError, match=r"m\.csv, line 3: the path cell holds a NUL byte"):
+        extract(csv, store=tmp_path / "store", **TINY)
+
+
+def test_manifest_path_cells_are_used_as_written_when_that_file_exists(tmp_path, one_image):
+    import shutil
+
+    shutil.copy(one_image[0], tmp_path / " spaced.jpg")
+    shutil.copy(one_image[0], tmp_path / "plain.jpg")
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label\n spaced.jpg,fractured\n  plain.jpg ,fractured\n")
+    fs = extract(csv, store=tmp_path / "store", **TINY)
+    assert not fs.failures and sorted(Path(p).name for p in fs.paths) == [" spaced.jpg", "plain.jpg"]
+
+
+# -- output locations (issue 19, item 12) ------------------------------------------------------------------
+
+def test_run_checks_its_output_folder_before_extracting(tmp_path, one_image):
+    from fracfeat import run
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=r"out .*a_file is a file, not a folder"):
+        run(one_image, tmp_path / "a_file", **TINY)
+    (tmp_path / "out" / "model.joblib").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"the model file .*model\.joblib is a folder"):
+        run(one_image, tmp_path / "out", **TINY)
+    assert not (tmp_path / "out" / "store").exists()  # refused before extraction
+
+
+def test_save_model_checks_the_location_first_and_never_leaves_a_temporary_file(tmp_path, tiny_features):
+    from sklearn.linear_model import LogisticRegression
+
+    from fracfeat import ModelError, save_model
+
+    (tmp_path / "a_folder").mkdir()
+    model = LogisticRegression().fit(tiny_features.X, tiny_features.y)
+    with pytest.raises(ConfigError, match=r"a_folder.* is a folder: give a file path"):
+        save_model(model, tmp_path / "a_folder")
+    # a save that fails late (the model cannot be pickled) removes its temporary file and says so in one line
+    model.unpicklable_ = lambda: None
+    with pytest.raises(ModelError, match=r"cannot save the model to .*m\.joblib"):
+        save_model(model, tmp_path / "m.joblib")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"]
+
+
+def test_a_killed_save_leaves_no_temporary_file_behind(tmp_path, tiny_features, python, subprocess_env):
+    """A save SIGKILLed before its rename leaves its temporary file; the next save to that folder removes it."""
+    import subprocess
+    import time
+
+    code = ("import sys, numpy as np\nfrom sklearn.linear_model import LogisticRegression\nfrom fracfeat import save_model\n"
+            "X = np.random.default_rng(0).normal(size=(20, 4)); y = np.arange(20) % 2\n"
+            "save_model(LogisticRegression().fit(X, y), sys.argv[1])\n")
+    pause = tmp_path / "paused"
+    env = dict(subprocess_env, FRACFEAT_PAUSE_AT="model", FRACFEAT_PAUSE_FILE=str(pause))
+    child = subprocess.Popen([python, "-c", code, str(tmp_path / "m.joblib")], env=env)
+    deadline = time.monotonic() + 60
+    while not pause.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    assert pause.exists(), "the save never reached its pause point"
+    child.kill()
+    child.wait()
+    pause.unlink()
+    assert len([p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]) == 1  # what the killed save left
+    from sklearn.linear_model import LogisticRegression
+
+    from fracfeat import load_model, save_model
+
+    save_model(LogisticRegression().fit(tiny_features.X, tiny_features.y), tmp_path / "m.joblib")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.joblib"]
+    assert load_model(tmp_path / "m.joblib").predict_proba(tiny_features.X[:2]).shape == (2, 2)
+
+
+# -- tuning options (issue 19, item 14) --------------------------------------------------------------------
+
+@pytest.mark.parametrize("params, message", [
+    (dict(scoring="foo"), r"scoring='foo' is not a scikit-learn scorer.*roc_auc"),
+    (dict(seed=-1), r"seed=-1: give an integer from 0 to 2\*\*32 - 1"),
+    (dict(seed=1.5), r"seed=1.5: give an integer"),
+    (dict(storage="bogus://x"), r"storage='bogus://x' is not a storage URL Optuna can open.*sqlite:///"),
+])
+def test_bad_tuning_option_is_refused_before_tuning(tiny_features, params, message):
+    from fracfeat import fit
+
+    with pytest.raises(ConfigError, match=message):
+        fit(tiny_features, classifier="logreg", n_trials=100000, cv=2, **params)
+
+
+# -- NaN and inf features (issue 19, item 13) --------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def inf_weights(tmp_path_factory) -> Path:
+    """A VGG16 no-top weights file whose last convolution has one infinite bias: every image gets an
+    infinite feature (what damaged weights or an overflowing precision produce)."""
+    import keras
+    import numpy as np
+
+    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    layer = model.get_layer("block5_conv3")
+    kernel, bias = layer.get_weights()
+    bias[0] = np.inf
+    layer.set_weights([kernel, bias])
+    path = tmp_path_factory.mktemp("inf-weights") / "inf.weights.h5"
+    model.save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inf_store(tmp_path_factory, real_images, inf_weights):
+    """A labeled store version of 4 + 4 real radiographs whose rows hold inf (extracted with inf_weights)."""
+    paths = real_images["fractured"][:4] + real_images["not_fractured"][:4]
+    return extract(paths, labels=[1] * 4 + [0] * 4, store=tmp_path_factory.mktemp("inf") / "store",
+                   **{**TINY, "weights": str(inf_weights)})
+
+
+def test_fit_refuses_non_finite_rows_naming_them(inf_store):
+    from fracfeat import fit
+
+    assert not np.isfinite(inf_store.X).all()
+    with pytest.raises(FeatureError, match=r"fit: 8 of 8 feature rows hold NaN or inf \(.*\.jpg, .*\.jpg, .*\.jpg "
+                                           r"and 5 more\): re-extract .*fracfeat store verify"):
+        fit(inf_store, classifier="logreg", n_trials=100000, cv=2)
+
+
+def test_predict_and_evaluate_refuse_non_finite_features(inf_weights, tiny_features, real_images, class_folder):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from fracfeat import DeepFeatures, evaluate, predict
+
+    deep = DeepFeatures("vgg16", weights=str(inf_weights), image_size=32).fit()
+    model = Pipeline([("features", deep), ("classifier", LogisticRegression().fit(tiny_features.X, tiny_features.y))])
+    paths = real_images["fractured"][:2]
+    with pytest.raises(FeatureError, match=r"2 of 2 images give NaN or inf features \(.*\.jpg, .*\.jpg\)"):
+        predict(model, paths)
+    with pytest.raises(FeatureError, match=r"12 of 12 images give NaN or inf features"):
+        evaluate(model, class_folder)
+
+
+# -- unreadable images at prediction: the fix the caller has (issue 19, item 15) ----------------------------
+
+def test_predict_on_a_missing_file_names_what_the_caller_can_do(tiny_model_pipeline, real_images, tmp_path):
+    from fracfeat import ImageError, predict
+
+    paths = [real_images["fractured"][0], tmp_path / "gone.jpg"]
+    with pytest.raises(ImageError, match=r"1 of 2 images cannot be read \(.*gone\.jpg: file not found.*\): fix them "
+                                         r"or leave them out of predict's images") as e:
+        predict(tiny_model_pipeline, paths)
+    assert "strict" not in str(e.value)
+    with pytest.raises(ImageError, match=r"DeepFeatures\.transform needs every image.*features_of_paths") as e:
+        tiny_model_pipeline.predict_proba([str(p) for p in paths])
+    assert "strict" not in str(e.value)
+
+
+@pytest.fixture()
+def tiny_model_pipeline(tiny_features):
+    from fracfeat import fit
+
+    return fit(tiny_features, classifier="logreg", n_trials=1, cv=2).pipeline

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fracfeat.cli import build_parser, main, split_store_ref
+from test_bad_params import inf_store, inf_weights  # noqa: F401  (fixtures)
 
 TINY_ARGS = ["--weights", "none", "--image-size", "32"]
 
@@ -333,3 +334,106 @@ def test_run_with_augment(python, subprocess_env, class_folder, tmp_path):
     assert "augmented views" in (tmp_path / "out" / "report" / "index.html").read_text()
     assert_user_error(fracfeat(python, subprocess_env, "run", class_folder, "--out", tmp_path / "o2", *TINY_ARGS,
                                "--augment", "flip"), "flip", "hflip")
+
+
+# -- user errors: one line naming the problem and the fix, before any expensive work (issue 19, items 12-15) --
+
+# A budget that would tune for hours: each error below must come before tuning (or extraction) starts.
+ENDLESS = ["--classifier", "logreg", "--trials", "100000", "--cv", "2", "-q"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_features):
+    """A model fitted (one trial) on the tiny real features, saved as a .joblib file."""
+    from fracfeat import fit, save_model
+
+    path = tmp_path_factory.mktemp("tiny-model") / "m.joblib"
+    save_model(fit(tiny_features, classifier="logreg", n_trials=1, cv=2), path)
+    return path
+
+
+def temporary_files(folder):
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_output_locations_are_checked_before_any_work(python, subprocess_env, tiny_features, tiny_model,
+                                                      class_folder, tmp_path):
+    store = tiny_features.store
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    run = fracfeat
+    assert_user_error(run(python, subprocess_env, "fit", store, "--out", tmp_path / "a_folder", *ENDLESS, timeout=120),
+                      "a_folder", "is a folder", "--out")
+    assert_user_error(run(python, subprocess_env, "fit", store, "--out", tmp_path / "a_file" / "m.joblib", *ENDLESS,
+                          timeout=120), "a_file", "not a folder")
+    assert_user_error(run(python, subprocess_env, "fit", store, "--out", "/sys/m.joblib", *ENDLESS, timeout=120),
+                      "/sys", "cannot write")
+    assert_user_error(run(python, subprocess_env, "run", class_folder, "--out", tmp_path / "a_file", *TINY_ARGS,
+                          *ENDLESS, timeout=120), "a_file", "is a file", "--out")
+    assert_user_error(run(python, subprocess_env, "evaluate", tiny_model, store, "--report", tmp_path / "a_file"),
+                      "a_file", "is a file", "--report")
+    assert temporary_files(tmp_path) == [] and (tmp_path / "a_file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--scoring", "foo"], ["scoring='foo'", "roc_auc", "get_scorer_names"]),
+    (["--seed", "-1"], ["seed=-1", "2**32"]),
+    (["--storage", "bogus://x"], ["bogus://x", "sqlite:///"]),
+])
+def test_tuning_options_are_checked_before_any_work(python, subprocess_env, tiny_features, tmp_path, option, words):
+    model = tmp_path / "m.joblib"
+    assert_user_error(fracfeat(python, subprocess_env, "fit", tiny_features.store, "--out", model, *ENDLESS, *option,
+                               timeout=120), *words)
+    assert not model.exists()
+
+
+def test_run_checks_its_tuning_options_before_extracting(python, subprocess_env, class_folder, tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(fracfeat(python, subprocess_env, "run", class_folder, "--out", out, *TINY_ARGS, *ENDLESS,
+                               "--seed", "-1", timeout=120), "seed=-1")
+    assert not out.exists()  # nothing extracted
+
+
+def test_evaluate_names_the_studies_a_storage_holds(python, subprocess_env, tiny_features, tiny_model, tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    optuna.create_study(storage=storage, study_name="tuned", direction="maximize")
+    assert_user_error(fracfeat(python, subprocess_env, "evaluate", tiny_model, tiny_features.store, "--report",
+                               tmp_path / "r", "--storage", storage, "--study-name", "nope"),
+                      "no study 'nope'", "tuned", "--study-name")
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    assert_user_error(fracfeat(python, subprocess_env, "evaluate", tiny_model, tiny_features.store, "--report",
+                               tmp_path / "r", "--storage", missing, "--study-name", "tuned"), "missing.db")
+    assert not (tmp_path / "missing.db").exists() and not (tmp_path / "r").exists()
+
+
+def test_image_size_has_an_upper_bound(python, subprocess_env, class_folder, tmp_path):
+    assert_user_error(fracfeat(python, subprocess_env, "extract", class_folder, "--store", tmp_path / "s",
+                               "--weights", "none", "--image-size", "100000"), "image_size=100000", "2048")
+    assert not (tmp_path / "s").exists()
+
+
+def test_manifest_encoding_and_nul_bytes_are_one_line(python, subprocess_env, real_images, tmp_path):
+    image = real_images["fractured"][0]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(f"path,label\n{image},fractured\nRöntgen.jpg,fractured\n".encode("latin-1"))
+    assert_user_error(fracfeat(python, subprocess_env, "extract", latin, "--store", tmp_path / "s", *TINY_ARGS),
+                      "latin.csv, line 3", "UTF-8", "0xf6")
+    nul = tmp_path / "nul.csv"
+    nul.write_text(f"path,label\n{image}\0x,fractured\n")
+    assert_user_error(fracfeat(python, subprocess_env, "extract", nul, "--store", tmp_path / "s", *TINY_ARGS),
+                      "nul.csv, line 2", "NUL")
+
+
+def test_predict_names_what_the_cli_can_do(python, subprocess_env, tiny_model, real_images, tmp_path):
+    good = real_images["fractured"][0]
+    r = fracfeat(python, subprocess_env, "predict", tiny_model, good, tmp_path / "gone.jpg", "-q")
+    assert_user_error(r, "1 of 2 images", "gone.jpg: file not found", "IMAGE")
+    assert "strict" not in r.stderr
+
+
+def test_non_finite_features_are_one_line(python, subprocess_env, inf_store, tmp_path):
+    assert_user_error(fracfeat(python, subprocess_env, "fit", inf_store.store, "--out", tmp_path / "m.joblib",
+                               *ENDLESS, timeout=120), "NaN or inf", "fracfeat store verify")
+    assert not (tmp_path / "m.joblib").exists()
