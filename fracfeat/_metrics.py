@@ -437,7 +437,8 @@ def shift_alarms(metrics: dict, what: str = "") -> list[str]:
     for where, m, subgroup in alarm_places(metrics, what):
         share = m.get("outside_training")
         if share is not None and share > SHIFT_WARNING and (not subgroup or flagged_beyond_chance(share, m["n"])):
-            alarms.append(f"{share:.0%} of the images of {where} do not look like the model's training images (its "
+            images = "the images" if where == "every image" else f"the images of {where}"
+            alarms.append(f"{share:.0%} of {images} do not look like the model's training images (its "
                           f"shift alarm flags them; about 5% of new images from the training source are): another "
                           f"hospital, scanner, framing or kind of radiograph. Figures on such images mean little, "
                           f"and the model's threshold may not hold: check it on labeled images of this source, or "

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fracfeat import load_model
+from fracfeat import load_model, predict
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "tests" / "data" / "models"
@@ -28,6 +28,8 @@ def test_a_model_saved_by_an_earlier_version_predicts_as_it_did(saved, caplog):
     paths = [str(REPO / p) for p in expected["paths"]]
     np.testing.assert_allclose(model.predict_proba(paths)[:, 1], expected["proba"], atol=1e-4)
     assert model.predict(paths).tolist() == expected["pred"]
+    if "outside_training" in expected:  # saved with a shift alarm (0.3 on): it still flags as it did
+        assert [int(r["outside_training"]) for r in predict(model, paths)] == expected["outside_training"]
 
 
 def test_an_inverted_svm_of_fracfeat_0_1_is_named_when_loaded(caplog):
