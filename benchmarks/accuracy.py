@@ -71,7 +71,7 @@ EXTRACTORS = {
 JOINED = {"cat224+448": ("avg", "avg448"), "cat-ml34+448": ("ml34", "avg448")}
 METHODS = {"baseline": ("flat", "seed-lr")}
 for _ex in ("avg", "max", "avg448", "tiles2", "tiles3", "ms224+448", "ml4", "ml34", *JOINED):
-    for _clf in ("logreg", "svm", "xgboost", "auto"):
+    for _clf in ("logreg", "svm", "xgboost", "mlp", "auto"):  # mlp: the frozen base + dense head recipe
         METHODS[f"{_clf}-{_ex}"] = (_ex, _clf)
         METHODS[f"{_clf}-{_ex}+aug"] = (_ex, _clf)
 DEFAULT_METHODS = "baseline,logreg-avg,svm-avg,xgboost-avg,auto-avg,logreg-max,svm-max,xgboost-max,auto-max"

@@ -6,6 +6,8 @@ Public API (everything else lives in private modules)::
     from fracfeat import save_model  # a fitted Pipeline to a .joblib file, atomically
     from fracfeat import join_features  # features of several extractors side by side
     from fracfeat import adapt, recalibrate  # a model to a new site: unlabeled images; a few labeled ones
+    from fracfeat import explain  # where the model looks: a heatmap per image
+    from fracfeat import tune_worker  # another process joining fit's study on a shared storage
 
 Importing fracfeat is cheap: TensorFlow/Keras, XGBoost, Optuna and matplotlib load only when used.
 """
@@ -21,9 +23,10 @@ from ._errors import (
     WeightsError,
 )
 from ._config import ExtractorSettings
+from ._explain import explain
 from ._extract import extract
 from ._featureset import FeatureSet, join_features
-from ._fit import FitResult, fit
+from ._fit import FitResult, fit, tune_worker
 from ._metrics import METRIC_KEYS, evaluate
 from ._model_io import load_model, save_model
 from ._predict import predict
@@ -37,8 +40,10 @@ __all__ = [
     "extract",
     "ExtractorSettings",
     "fit",
+    "tune_worker",
     "evaluate",
     "predict",
+    "explain",
     "load_model",
     "save_model",
     "report",

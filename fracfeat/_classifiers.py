@@ -128,7 +128,30 @@ def xgboost_steps(trial, ctx: SearchContext) -> list:
     return [("scale", "passthrough"), ("reduce", "passthrough"), ("classifier", clf)]
 
 
-FAMILIES = {"logreg": logreg_steps, "svm": svm_steps, "xgboost": xgboost_steps}
+def mlp_steps(trial, ctx: SearchContext) -> list:
+    """The recipes' dense head on a frozen backbone: scikit-learn's MLPClassifier (ReLU, Adam) on the
+    stored features: one or two hidden layers, their width, L2 strength, learning rate, optional PCA.
+
+    Early stopping holds out 10% of the training rows (not grouped: near-duplicates may sit on both
+    sides, so it may stop a little late; the tuning folds themselves are grouped). MLPClassifier has
+    no class weights: ``fit(balance=...)`` weighs its rows through ``sample_weight``.
+    """
+    from sklearn.neural_network import MLPClassifier
+
+    steps = _scaled_and_reduced(trial, "mlp", ctx)
+    units = trial.suggest_int("mlp_units", 32, 512, log=True)
+    depth = trial.suggest_int("mlp_layers", 1, 2)
+    clf = MLPClassifier(
+        hidden_layer_sizes=(units,) if depth == 1 else (units, max(units // 4, 8)),
+        alpha=trial.suggest_float("mlp_alpha", 1e-5, 10.0, log=True),
+        learning_rate_init=trial.suggest_float("mlp_learning_rate", 1e-4, 1e-2, log=True),
+        early_stopping=True, validation_fraction=0.1, n_iter_no_change=10, max_iter=300,
+        random_state=ctx.seed,
+    )
+    return steps + [("classifier", clf)]
+
+
+FAMILIES = {"logreg": logreg_steps, "svm": svm_steps, "xgboost": xgboost_steps, "mlp": mlp_steps}
 CLASSIFIERS = (*FAMILIES, "auto")
 
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backbones import ResolvedWeights, backbone_spec, resolve_image_size, resolve_pooling, resolve_weights
+from ._backbones import (BACKBONES, ResolvedWeights, backbone_spec, check_feature_layer, resolve_image_size,
+                         resolve_pooling, resolve_preprocessing, resolve_weights)
+from ._dicom import FRAMES, INVERSIONS, WINDOWS
 from ._errors import ConfigError
 from ._hardware import Hardware, choose_precision_and_runtime
 from ._images import CROPS, DECODE_RECIPE, INTENSITIES, TRUNCATED_POLICIES, clahe_library
@@ -71,7 +73,8 @@ class ExtractorSettings:
     :func:`fracfeat.run`, or as ``--option`` on the command line (``--image-size 448``).
     """
 
-    backbone: str = option("vgg16", "vgg16, resnet50 or efficientnetb2")
+    backbone: str = option("vgg16", "vgg16, resnet50, efficientnetb2, any keras.applications CNN (`fracfeat "
+                                    "backbones` lists them), or keras: your own model given as weights=<file>.keras")
     image_size: int | None = option(None, "square input size in pixels (default: the backbone's, e.g. 224)",
                                     metavar="N", cli_type=int)
     pooling: str = option("avg", "global pooling of the last convolution map: avg, max, or none to flatten it")
@@ -98,6 +101,21 @@ class ExtractorSettings:
     intensity: str = option("none", "site-robust exposure, on the grayscale: percentile stretches its 1st..99th "
                                     "percentile to 0..255, clahe equalises local contrast (OpenCV CLAHE: pip install "
                                     "'fracfeat[clahe]'), or none", off="none", choices=INTENSITIES)
+    dicom_window: str = option("first", "DICOM files: the VOI applied after the modality LUT: first (the file's first "
+                                        "VOI LUT, else its first window center/width), widest (its widest window), or "
+                                        "none (the full range of Bits Stored)", off="first", choices=WINDOWS)
+    dicom_invert: str = option("monochrome1", "DICOM files: monochrome1 inverts MONOCHROME1 images (white is zero) "
+                                              "as a viewer shows them, never leaves them as stored",
+                               off="monochrome1", choices=INVERSIONS)
+    dicom_frame: str = option("first", "DICOM files: which frame of a multi-frame file is the image: first or middle",
+                              off="first", choices=FRAMES)
+    feature_layer: str | None = option(None, "backbone=keras (your own model, weights=<file>.keras): the layer whose "
+                                             "output, pooled, is the features (default: the model's output)",
+                                       off="", metavar="LAYER")
+    # Always fingerprinted (every version has recorded it): "auto" resolves to the backbone's own mode.
+    preprocessing: str = option("auto", "input preprocessing: auto (the backbone's own), caffe, tf ([-1, 1]), torch, "
+                                        "raw-0-255 or scale-0-1 ([0, 1]); backbone=keras must declare it",
+                                metavar="MODE")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -147,14 +165,22 @@ class ExtractorSettings:
         layers = check_layers(spec, pooling, self.layers)
         view = check_view(self.view)
         crop, intensity = check_choice("crop", self.crop, CROPS), check_choice("intensity", self.intensity, INTENSITIES)
+        dicom = dict(dicom_window=check_choice("dicom_window", self.dicom_window, WINDOWS),
+                     dicom_invert=check_choice("dicom_invert", self.dicom_invert, INVERSIONS),
+                     dicom_frame=check_choice("dicom_frame", self.dicom_frame, FRAMES))
         if intensity == "clahe":
             clahe_library()  # before any file is read: MissingDependencyError naming the install command
         resolved = None if weights_identity is not None else resolve_weights(spec, weights)
+        if runtime == "auto" and not spec.runtime_measured:
+            runtime = "keras"  # the "auto" table holds measured backbones only; Keras runs every model
         precision, runtime = choose_precision_and_runtime(spec, precision, runtime, hardware)
         config = ExtractorConfig(
             backbone=spec.name, image_size=image_size, pooling=pooling, precision=precision, runtime=runtime,
             truncated=truncated, tiles=tiles, scales=scales, layers=layers, view=view, crop=crop, intensity=intensity,
-            preprocessing=spec.preprocessing, weights=str(weights_identity) if resolved is None else resolved.identity,
+            **dicom,
+            feature_layer=check_feature_layer(spec, self.feature_layer),
+            preprocessing=resolve_preprocessing(spec, self.preprocessing),
+            weights=str(weights_identity) if resolved is None else resolved.identity,
         )
         return config, resolved
 
@@ -318,6 +344,11 @@ def check_layers(spec, pooling: str, layers) -> tuple:
         raise ConfigError(f"layers={layers!r}: give layer names, e.g. ('block4_pool',) or 'block3_pool,block4_pool'")
     if not names:
         return ()
+    if not spec.tap_layers:
+        tapped = ", ".join(name for name, other in BACKBONES.items() if other.tap_layers)
+        own = ", or pick your model's layer with feature_layer=" if spec.name == "keras" else ""
+        raise ConfigError(f"layers={layers!r}: fracfeat knows tap points of {tapped} only, not of {spec.name}; leave "
+                          f"layers out{own}")
     if names == ("all",):
         names = spec.tap_layers
     unknown = [v for v in names if v not in spec.tap_layers]

@@ -19,6 +19,7 @@ _INSTALL_HINT = {
     "matplotlib": "pip install matplotlib",
     "optuna": "pip install optuna",
     "cv2": "pip install 'fracfeat[clahe]' (or: pip install opencv-python-headless)",
+    "pydicom": "pip install 'fracfeat[dicom]' (pydicom and its JPEG, JPEG 2000 and RLE decoders)",
 }
 
 

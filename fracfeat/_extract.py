@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._config import ExtractorSettings, settings_doc, signature_with_settings
+from ._distributed import distributed_batches
 from ._engine import FeatureEngine
 from ._errors import ConfigError, ImageError, SourceError
 from ._faults import pause_point
@@ -103,6 +104,7 @@ def extract(
     lock_timeout: float = 600.0,
     description: str = "",
     progress: bool = True,
+    client=None,
     **settings,
 ) -> FeatureSet:
     """Turn every image of ``source`` into a feature vector and save them as a new store version.
@@ -145,11 +147,18 @@ def extract(
     workers : int, optional
         Decoding threads.
     lock_timeout : float
-        Seconds to wait for another process writing the same store.
+        Seconds to wait for another process committing to the same store (the lock is held only to save a
+        checkpoint and to commit: extractions into one store compute side by side).
     description : str
         Free text kept in the version's provenance.
     progress : bool
-        Show progress bars.
+        Show progress bars (the extraction's shows the images/s of the whole cluster with ``client``).
+    client : dask.distributed.Client or str, optional
+        Compute the cache misses on a Dask cluster (``pip install fracfeat[dask]``): a ``Client`` or a
+        scheduler address (``"tcp://host:8786"``). Each worker builds the backbone once; workers read the
+        images from a shared filesystem, or get their bytes from this process where they cannot see
+        them; rows come back here, where this process alone writes the store. Workers started with
+        ``--resources GPU=1`` take one GPU each. Features equal a local run's (same fingerprint).
     **settings
         The extractor settings, the fields of :class:`fracfeat.ExtractorSettings`:
 {settings}
@@ -176,7 +185,7 @@ def extract(
         return _extract_joined(source, join, chosen, dict(
             store=store, weights=weights, batch_size=batch_size, strict=strict, labels=labels,
             groups=groups, splits=splits, class_map=class_map, checkpoint_every=checkpoint_every, workers=workers,
-            lock_timeout=lock_timeout, description=description, progress=progress))
+            lock_timeout=lock_timeout, description=description, progress=progress, client=client))
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ConfigError(f"batch_size={batch_size!r}: give a positive integer")
     if not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
@@ -187,7 +196,7 @@ def extract(
     feature_store = store if isinstance(store, FeatureStore) else FeatureStore(store, lock_timeout=lock_timeout)
     return _extract_resolved(records, source_desc, config, resolved_weights, feature_store, batch_size=batch_size,
                              strict=strict, workers=workers, checkpoint_every=checkpoint_every,
-                             description=description, progress=progress, t_start=t_start)
+                             description=description, progress=progress, t_start=t_start, client=client)
 
 
 extract.__doc__ = extract.__doc__.replace("{settings}", settings_doc(indent=8))
@@ -206,21 +215,27 @@ def _extract_joined(source, join, settings: ExtractorSettings, call: dict) -> Fe
 
 
 def _extract_resolved(records, source_desc, config, resolved_weights, feature_store: FeatureStore, *, batch_size,
-                      strict, workers, checkpoint_every, description, progress, t_start) -> FeatureSet:
+                      strict, workers, checkpoint_every, description, progress, t_start, client=None) -> FeatureSet:
     """extract() once its records and extractor are known: hashes -> plan -> compute -> commit.
 
-    The writer lock is held from the plan to the commit, so the cache the plan reads stays true.
+    The writer lock is held only to save a checkpoint and to commit, so two extractions into one store
+    compute side by side. The commit re-reads the cache under the lock (:func:`_replan`): rows another
+    writer committed meanwhile are taken from its version, and rows it can no longer find are computed there.
     """
     ids, failed = _content_hashes(records, strict, progress)
     cached = _cached_version(feature_store, records, source_desc, config, ids, failed)
     if cached is not None:
         return cached
+    with feature_store.writer():
+        pass  # a read-only or foreign store= is refused before any image is computed, not after
+    plan = _plan(feature_store, records, source_desc, config, ids, failed)
+    compute = dict(batch_size=batch_size, strict=strict, workers=workers, checkpoint_every=checkpoint_every,
+                   progress=progress, client=client)
+    engine_versions, run_counts = _compute(checkpoint_saver(feature_store), plan, config, resolved_weights, **compute)
     with feature_store.writer() as writer:
-        plan = _plan(writer, records, source_desc, config, ids, failed)
-        engine_versions, run_counts = _compute(writer, plan, config, resolved_weights, batch_size=batch_size,
-                                               strict=strict, workers=workers, checkpoint_every=checkpoint_every,
-                                               progress=progress)
-        n, existed = _commit(writer, plan, config, resolved_weights, engine_versions, run_counts, description)
+        more_versions = _replan(writer, plan, config, resolved_weights, run_counts, compute)
+        n, existed = _commit(writer, plan, config, resolved_weights, engine_versions or more_versions, run_counts,
+                             description)
     fs = feature_store.open(n, lazy=True)
     fs.provenance["new_version"] = not existed  # what this call did, like the counts below: not on disk
     if existed:
@@ -229,6 +244,39 @@ def _extract_resolved(records, source_desc, config, resolved_weights, feature_st
     log.info("store %s: wrote v%d (%d images x %d features) in %.1fs", feature_store.root, n, len(fs),
              fs.n_features, time.perf_counter() - t_start)
     return fs
+
+
+def checkpoint_saver(feature_store: FeatureStore):
+    """``save(fingerprint, run_id, seq, ids, rows, flags) -> path`` that takes the writer lock for one checkpoint."""
+
+    def save(*args):
+        with feature_store.writer() as writer:
+            return writer.write_checkpoint(*args)
+
+    return save
+
+
+def _replan(writer: StoreWriter, plan: "_Plan", config, resolved_weights, run_counts: dict, compute: dict):
+    """Under the lock, before the commit: the cache as it is now, and the rows it lacks computed.
+
+    Another writer may have committed since this run planned (its rows now sit in a version) and then
+    removed the checkpoints its version covers; a checkpoint may have been set aside as damaged. Returns
+    the engine's versions when rows had to be computed here, else None.
+    """
+    fresh = writer.cache_index(config.fingerprint)
+    todo: dict[str, int] = {}
+    for i, digest in enumerate(plan.ids):
+        if digest is not None and i not in plan.failed and digest not in fresh and digest not in todo:
+            todo[digest] = i
+    plan.index = fresh
+    if not todo:
+        return None
+    log.info("%d rows are no longer in the store's cache; computing them again", len(todo))
+    again = _Plan(plan.records, plan.source_desc, plan.paths, plan.ids, plan.failed, fresh, todo, 0)
+    versions, counts = _compute(writer.write_checkpoint, again, config, resolved_weights, **compute)
+    run_counts["n_computed"] += counts["n_computed"]
+    run_counts["compute_seconds"] = round(run_counts["compute_seconds"] + counts["compute_seconds"], 3)
+    return versions
 
 
 def _cached_version(feature_store: FeatureStore, records, source_desc: str, config, ids, failed):
@@ -258,7 +306,8 @@ def _cached_version(feature_store: FeatureStore, records, source_desc: str, conf
 
 @dataclass
 class _Plan:
-    """What one extract call works on, decided under the writer lock. Rows are keyed by content hash."""
+    """What one extract call works on, planned without the lock and re-read under it to commit. Rows are keyed by
+    content hash."""
 
     records: list
     source_desc: str
@@ -284,9 +333,9 @@ def _content_hashes(records, strict: bool, progress: bool) -> tuple[list, dict[i
     return [h for h, _ in hashed], failed
 
 
-def _plan(writer: StoreWriter, records, source_desc: str, config, ids, failed) -> _Plan:
-    """Look every id up in the store's cache; what no cache file holds is to compute."""
-    index = writer.cache_index(config.fingerprint)  # damaged checkpoints set aside: their rows are computed again
+def _plan(feature_store: FeatureStore, records, source_desc: str, config, ids, failed) -> _Plan:
+    """Look every id up in the store's cache (without the lock); what no cache file holds is to compute."""
+    index = feature_store.cache_index(config.fingerprint)  # damaged checkpoints skipped: their rows are computed again
     # One computation per distinct content, first occurrence in source order.
     todo: dict[str, int] = {}
     for i, digest in enumerate(ids):
@@ -298,9 +347,10 @@ def _plan(writer: StoreWriter, records, source_desc: str, config, ids, failed) -
     return _Plan(records, source_desc, [r.path for r in records], ids, failed, index, todo, n_reused)
 
 
-def _compute(writer: StoreWriter, plan: _Plan, config, resolved_weights, *, batch_size, strict, workers,
-             checkpoint_every, progress) -> tuple[dict | None, dict]:
-    """Compute the plan's misses into checkpoints; images that fail to decode join ``plan.failed``.
+def _compute(save, plan: _Plan, config, resolved_weights, *, batch_size, strict, workers, checkpoint_every,
+             progress, client=None) -> tuple[dict | None, dict]:
+    """Compute the plan's misses into checkpoints (``save``: :func:`checkpoint_saver`); images that fail to
+    decode join ``plan.failed``. ``client``: a Dask client or scheduler address (:mod:`fracfeat._distributed`).
 
     Returns the engine's software versions (None when nothing was computed) and this call's counts.
     """
@@ -308,8 +358,26 @@ def _compute(writer: StoreWriter, plan: _Plan, config, resolved_weights, *, batc
     bad_content: dict[str, str] = {}
     engine_versions = None
     if plan.todo:
-        engine_versions = _compute_missing(writer, config, resolved_weights, plan.todo, plan.paths, plan.index,
-                                           bad_content, batch_size, strict, workers, checkpoint_every, progress)
+        batch_size = batch_size or preferred_batch_size(config)
+        miss_ids = list(plan.todo)
+        miss_paths = [plan.paths[plan.todo[d]] for d in miss_ids]
+        bar = progress_bar(total=len(miss_paths), desc=f"extract {config.backbone}", unit="img", enabled=progress)
+        try:
+            if client is None:
+                engine = FeatureEngine(config, resolved_weights)
+                batches = engine.iter_features(miss_paths, batch_size=batch_size, strict=strict, workers=workers,
+                                               sha256s=miss_ids)
+                _save_batches(save, config.fingerprint, batches, miss_ids, plan.index, bad_content, checkpoint_every,
+                              bar)
+                engine_versions = engine.versions()
+            else:
+                with distributed_batches(client, config, resolved_weights, miss_paths, miss_ids, batch_size=batch_size,
+                                         strict=strict, workers=workers) as run:
+                    _save_batches(save, config.fingerprint, run.batches(), miss_ids, plan.index, bad_content,
+                                  checkpoint_every, bar)
+                    engine_versions = run.versions()
+        finally:
+            bar.close()
     compute_seconds = time.perf_counter() - t_compute
     for i, digest in enumerate(plan.ids):
         if digest in bad_content:
@@ -397,17 +465,10 @@ def _content_sha256(table: dict, failures: list[dict]) -> str:
     return records_sha256([content], [failure_key], [0], [""], [""], [""])
 
 
-def _compute_missing(writer: StoreWriter, config, resolved_weights, todo, paths, index, bad_content,
-                     batch_size, strict, workers, checkpoint_every, progress) -> dict:
-    """Run the engine on the cache misses, checkpointing rows into the store as they come.
-
-    Returns the versions of the software that computed them (:meth:`FeatureEngine.versions`).
-    """
-    engine = FeatureEngine(config, resolved_weights)
-    batch_size = batch_size or preferred_batch_size(config)
-    miss_ids = list(todo)
-    miss_paths = [paths[todo[d]] for d in miss_ids]
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+def _save_batches(save, fingerprint: str, batches, miss_ids: list, index: dict, bad_content: dict,
+                  checkpoint_every: int, bar) -> None:
+    """Checkpoint rows as batches come (``batch.indices`` index ``miss_ids``), adding them to ``index``."""
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # private to this run: no two runs share a file
     pending_ids: list[str] = []
     pending_rows: list[np.ndarray] = []
     truncated_ids: set[str] = set()
@@ -420,29 +481,23 @@ def _compute_missing(writer: StoreWriter, config, resolved_weights, todo, paths,
             return
         rows = np.concatenate(pending_rows)
         flags = [d in truncated_ids for d in pending_ids]
-        p = writer.write_checkpoint(config.fingerprint, run_id, seq, pending_ids, rows, flags)
+        p = save(fingerprint, run_id, seq, pending_ids, rows, flags)
         for r, (d, t) in enumerate(zip(pending_ids, flags)):
             index[d] = (p, r, t)
         seq += 1
         pending_ids, pending_rows = [], []
         last_flush = time.monotonic()
 
-    bar = progress_bar(total=len(miss_paths), desc=f"extract {config.backbone}", unit="img", enabled=progress)
-    try:
-        for batch in engine.iter_features(miss_paths, batch_size=batch_size, strict=strict, workers=workers,
-                                          sha256s=miss_ids):
-            pause_point("batch")
-            for k, reason in batch.failures:
-                bad_content[miss_ids[k]] = reason
-            for k in batch.truncated:
-                truncated_ids.add(miss_ids[k])
-            if len(batch.indices):
-                pending_ids.extend(miss_ids[k] for k in batch.indices)
-                pending_rows.append(batch.features)
-            bar.update(len(batch.indices) + len(batch.failures))
-            if len(pending_ids) >= checkpoint_every or time.monotonic() - last_flush > 120:
-                flush()
-        flush()
-    finally:
-        bar.close()
-    return engine.versions()
+    for batch in batches:
+        pause_point("batch")
+        for k, reason in batch.failures:
+            bad_content[miss_ids[k]] = reason
+        for k in batch.truncated:
+            truncated_ids.add(miss_ids[k])
+        if len(batch.indices):
+            pending_ids.extend(miss_ids[k] for k in batch.indices)
+            pending_rows.append(batch.features)
+        bar.update(len(batch.indices) + len(batch.failures))
+        if len(pending_ids) >= checkpoint_every or time.monotonic() - last_flush > 120:
+            flush()
+    flush()

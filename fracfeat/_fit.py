@@ -7,6 +7,7 @@ the store version's provenance, so the kept model predicts from image paths with
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._classifiers import SearchContext, check_classifier, suggest_steps
+from ._classifiers import FAMILIES, SearchContext, check_classifier, suggest_steps
 from ._deps import require
 from ._errors import ConfigError, bad_rows_fix, check_finite_rows
 from ._featureset import FeatureSet, labeled_for_training
@@ -339,7 +340,7 @@ def _make_study(study, storage, study_name, sampler, pruner, seed, tag: dict):
         elif pruner in (False, None):
             pruner = optuna.pruners.NopPruner()
         study = optuna.create_study(
-            storage=storage, study_name=study_name, load_if_exists=True, direction="maximize",
+            storage=rdb_storage(storage), study_name=study_name, load_if_exists=True, direction="maximize",
             sampler=sampler if sampler is not None else optuna.samplers.TPESampler(seed=seed), pruner=pruner,
         )
     recorded = study.user_attrs.get("fracfeat")
@@ -391,7 +392,8 @@ def fit(
         pass (keywords given win), and ``features`` must have been extracted with its extractor settings
         (ConfigError naming the setting that differs otherwise).
     classifier : {"logreg", "svm", "xgboost", "auto"}
-        "auto" searches the three families in one study.
+        "auto" searches the three families in one study; above ``SVM_MAX_ROWS`` (20,000) training rows it
+        leaves the kernel SVM out (its fit time grows about as rows^2; docs/scale.md), and "svm" warns there.
     n_trials : int
         Trials the study should hold when this call ends (complete + pruned). Resuming a stored
         study with the same ``n_trials`` runs only the trials still missing.
@@ -410,7 +412,9 @@ def fit(
         Seeds the sampler, the folds and the classifiers: same seed and data, same result (n_jobs=1).
     storage : str or optuna storage, optional
         Any Optuna storage URL, e.g. ``"sqlite:///study.db"`` or a PostgreSQL URL; with ``study_name``
-        an existing study is resumed.
+        an existing study is resumed. Tuning workers on other machines may join it
+        (:func:`fracfeat.tune_worker`, ``fracfeat tune-worker``): ``n_trials`` then counts every
+        worker's trials, this call waits for the running ones and builds the Pipeline from the best of all.
     study_name : str, optional
     n_jobs : int
         Trials run in parallel threads (results then depend on timing).
@@ -473,30 +477,22 @@ def fit(
     check_finite_rows(fs.X, fs.paths, what="fit", fix=bad_rows_fix(fs.store))
     if preset is not None:
         check_features(preset, fs)
-    data, held_out = _tuning_rows(fs)
-    folds, grouped = make_folds(data, cv, seed)
-    X, y = np.asarray(data.X, dtype=np.float32), np.asarray(data.y)
-    views = augmented_rows(data, fs, augment)
-    training = _training_rows(X, y, [Xv for _, Xv in views], _balance_values(data, balance))
-    ctx = SearchContext(seed=seed, n_positive=int((y == 1).sum()), n_negative=int((y == 0).sum()), n_threads=n_threads,
-                        n_features=int(X.shape[1]))
-    tag = {"classifier": classifier, "scoring": str(scoring), "seed": int(seed), "fingerprint": fs.fingerprint,
-           "n_rows": int(len(y)), "n_positive": ctx.n_positive, "cv": len(folds) if isinstance(cv, int) else repr(cv),
-           "grouped": grouped, "rows_sha256": _rows_digest(data)}
-    if views:
-        tag["augment"] = ",".join(v for v, _ in views)
-    if balance is not None:
-        tag["balance"] = balance
-    objective = _objective(classifier, ctx, folds, training, scorer, X, y)
+    t = _tuning_inputs(fs, classifier, cv, scoring, scorer, seed, augment, balance, n_threads)
+    data, held_out, folds, grouped, X, y, views, training, ctx = (
+        t.data, t.held_out, t.folds, t.grouped, t.X, t.y, t.views, t.training, t.ctx)
     with quiet_optuna():
-        study = _make_study(study, storage, study_name, sampler, pruner, seed, tag)
+        study = _make_study(study, storage, study_name, sampler, pruner, seed, t.tag)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
         if remaining > 0:
+            # Tuning workers (tune_worker) may share a stored study: the total, not this call's, stops at n_trials.
+            shared = [optuna.study.MaxTrialsCallback(n_trials, states=finished)] if storage is not None else []
             with TrialProgress(remaining, scoring=str(scoring), enabled=progress, timeout=timeout) as bar, \
                     _class_weights_fixed(study, balance is not None):
-                study.optimize(objective, n_trials=remaining, timeout=timeout, n_jobs=n_jobs,
-                               callbacks=[*(callbacks or ()), bar])
+                study.optimize(t.objective, n_trials=remaining, timeout=timeout, n_jobs=n_jobs,
+                               callbacks=[*(callbacks or ()), *shared, bar])
+        if storage is not None:
+            wait_for_running_trials(study)
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise ConfigError(f"no trial of study {study.study_name!r} completed (timeout={timeout}); "
                           f"give more time or trials")
@@ -528,6 +524,165 @@ def fit(
     return result
 
 
+# Above this many training rows a kernel SVM is not tuned: its fit time grows about as rows^2, where logistic
+# regression and XGBoost grow about linearly (benchmarks/scale.py, docs/scale.md: one RBF-SVM fit on 512-wide rows
+# took 2.1 s at 4,000 rows and 7.0 s at 8,000; at 20,000 that is about a minute a fit, hours per study).
+# "auto" leaves it out there; classifier="svm" warns.
+SVM_MAX_ROWS = 20_000
+SVM_FIT_NOTE = "one RBF-SVM fit on 512-wide rows took 7.0 s at 8,000 rows, logistic regression 0.6 s"
+
+
+def scalable_families(classifier: str, n_rows: int) -> tuple[str, ...] | None:
+    """The families "auto" searches on ``n_rows`` rows when that is not all of them (None: all, or one family)."""
+    if n_rows <= SVM_MAX_ROWS or classifier not in ("auto", "svm"):
+        return None
+    if classifier == "svm":
+        log.warning("classifier=svm on %d rows: a kernel SVM's fit time grows about as rows^2 (%s); above %d rows "
+                    "tune logreg or xgboost instead, which grow about linearly (docs/scale.md)", n_rows,
+                    SVM_FIT_NOTE, SVM_MAX_ROWS)
+        return None
+    log.info("classifier=auto on %d rows: the kernel SVM is left out above %d rows (its fit time grows about as "
+             "rows^2); logreg and xgboost are searched (docs/scale.md)", n_rows, SVM_MAX_ROWS)
+    return tuple(f for f in FAMILIES if f != "svm")
+
+
+HEARTBEAT_S = 10  # a tuning process's trials beat this often; one silent for GRACE_S died, and its trial fails
+GRACE_S = 60
+
+
+def rdb_storage(storage):
+    """An Optuna storage URL as an RDBStorage whose trials send heartbeats, so a killed tuning worker's
+    RUNNING trial is failed (after :data:`GRACE_S`) instead of waited for; storage objects as given."""
+    if not isinstance(storage, str):
+        return storage
+    import optuna
+
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and stable in use
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+
+
+def wait_for_running_trials(study, poll_s: float = 0.5) -> None:
+    """Wait until no trial of ``study`` runs (other workers' trials finish, dead workers' fail by heartbeat),
+    so the best trial is chosen among all of them."""
+    import optuna
+
+    running = (optuna.trial.TrialState.RUNNING,)
+    while study.get_trials(deepcopy=False, states=running):
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(poll_s)
+
+
+@dataclass
+class TuningInputs:
+    """What a study's trials need, made the same way by :func:`fit` and :func:`tune_worker`."""
+
+    data: FeatureSet
+    held_out: dict
+    folds: list
+    grouped: bool
+    X: np.ndarray
+    y: np.ndarray
+    views: list
+    training: object
+    ctx: SearchContext
+    tag: dict  # the study's "fracfeat" user attribute: data and settings its trials were made on
+    objective: object
+
+
+def _tuning_inputs(fs: FeatureSet, classifier, cv, scoring, scorer, seed, augment, balance, n_threads) -> TuningInputs:
+    data, held_out = _tuning_rows(fs)
+    folds, grouped = make_folds(data, cv, seed)
+    X, y = np.asarray(data.X, dtype=np.float32), np.asarray(data.y)
+    views = augmented_rows(data, fs, augment)
+    training = _training_rows(X, y, [Xv for _, Xv in views], _balance_values(data, balance))
+    ctx = SearchContext(seed=seed, n_positive=int((y == 1).sum()), n_negative=int((y == 0).sum()), n_threads=n_threads,
+                        n_features=int(X.shape[1]))
+    tag = {"classifier": classifier, "scoring": str(scoring), "seed": int(seed), "fingerprint": fs.fingerprint,
+           "n_rows": int(len(y)), "n_positive": ctx.n_positive, "cv": len(folds) if isinstance(cv, int) else repr(cv),
+           "grouped": grouped, "rows_sha256": _rows_digest(data)}
+    if views:
+        tag["augment"] = ",".join(v for v, _ in views)
+    if balance is not None:
+        tag["balance"] = balance
+    objective = _objective(classifier, ctx, folds, training, scorer, X, y)
+    return TuningInputs(data, held_out, folds, grouped, X, y, views, training, ctx, tag, objective)
+
+
+def _study_tag(storage, study_name: str, wait: float) -> dict:
+    """The settings a stored study was started with (its "fracfeat" attribute), waiting up to ``wait`` seconds
+    for the study to appear (workers may start before the caller that creates it)."""
+    import optuna
+
+    deadline = time.monotonic() + wait
+    for attempt in itertools.count():
+        if study_name in optuna.get_all_study_names(storage):
+            tag = optuna.load_study(study_name=study_name, storage=storage).user_attrs.get("fracfeat")
+            if tag is not None:
+                return tag
+        if attempt == 0 and wait > 0:
+            log.info("study %r is not started yet; waiting up to %gs for it", study_name, wait)
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"no fracfeat study {study_name!r} in {storage} after {wait:g}s: start it with "
+                              f"`fracfeat fit STORE --storage URL --study-name {study_name}` (or fit(storage=..., "
+                              f"study_name=...)), or give the name it was started with")
+        time.sleep(1.0)
+
+
+def _cv_of_tag(tag: dict):
+    cv = tag["cv"]
+    if isinstance(cv, int) or str(cv).isdigit():
+        return int(cv)
+    if cv in ("'source'", "'region'"):
+        return cv.strip("'")
+    raise ConfigError(f"the study was tuned with cv={cv}: tuning workers take only a number of folds, source or "
+                      f"region; run its trials in the fit call itself")
+
+
+def tune_worker(features, *, storage, study_name: str, n_trials: int, version="latest", timeout: float | None = None,
+                wait: float = 600.0, n_threads: int | None = None, progress: bool = False) -> int:
+    """Run trials of a stored study that :func:`fit` started, from another process or machine.
+
+    The study's classifier, scoring, seed, folds and row weighting are read from the study; ``features``
+    must be the very rows it was started on (else ConfigError: the study's data tag differs). Trials run
+    until the study holds ``n_trials`` complete or pruned ones (all workers together: Optuna's RDB storage
+    hands each trial to one process). This worker's sampler is seeded apart from the others' so no two
+    processes propose the same parameters; the best trial therefore depends on timing, as with ``n_jobs``.
+    The caller's :func:`fit` (same ``storage``, ``study_name``, ``n_trials``) builds the final Pipeline, once.
+
+    Returns
+    -------
+    int
+        The trials this worker ran.
+    """
+    optuna = require("optuna", why="tune_worker")
+    check_storage(storage)
+    with quiet_optuna():
+        tag = _study_tag(rdb_storage(storage), study_name, wait)
+        if "augment" in tag:
+            raise ConfigError(f"study {study_name!r} trains on augmented views ({tag['augment']}): tuning workers do "
+                              f"not take views yet; run its trials in the fit call")
+        classifier, scorer = check_tuning(tag["classifier"], n_trials, _cv_of_tag(tag), tag["scoring"], None,
+                                          seed=tag["seed"], storage=storage)
+        fs = as_feature_set(features, version)
+        t = _tuning_inputs(fs, classifier, _cv_of_tag(tag), tag["scoring"], scorer, tag["seed"], (),
+                           tag.get("balance"), n_threads)
+        sampler = optuna.samplers.TPESampler(seed=None)  # OS entropy: two workers never share a sampler's draws
+        study = _make_study(None, storage, study_name, sampler, True, tag["seed"], t.tag)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        done = len(study.get_trials(deepcopy=False, states=finished))
+        if done >= n_trials:
+            return 0
+        with TrialProgress(n_trials - done, scoring=tag["scoring"], enabled=progress, timeout=timeout) as bar, \
+                _class_weights_fixed(study, "balance" in tag):
+            mine: list[int] = []
+            study.optimize(t.objective, n_trials=n_trials - done, timeout=timeout,
+                           callbacks=[lambda _, trial: mine.append(trial.number),
+                                      optuna.study.MaxTrialsCallback(n_trials, states=finished), bar])
+    log.info("tuning worker: %d trials run into study %r", len(mine), study_name)
+    return len(mine)
+
+
 def _training_rows(X, y, views: list, values):
     """``training(rows)``: the training side's (feature rows, labels, row weights or None).
 
@@ -550,8 +705,14 @@ def _objective(classifier, ctx: SearchContext, folds, training, scorer, X, y):
     from sklearn.base import clone
     from sklearn.pipeline import Pipeline
 
+    families = scalable_families(classifier, len(y))
+
     def objective(trial):
-        family, steps = suggest_steps(trial, classifier, ctx)
+        if families is None:
+            family, steps = suggest_steps(trial, classifier, ctx)
+        else:  # "auto" on many rows: the same search, the kernel SVM left out
+            family = trial.suggest_categorical("classifier", families)
+            steps = FAMILIES[family](trial, ctx)
         model = Pipeline(steps)
         scores = []
         for k, (tr, va) in enumerate(folds):

@@ -23,6 +23,10 @@ extractor fingerprint through :data:`DECODE_RECIPE`):
   decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) before they are decoded: failure rows
   ``too large``, with no Pillow warning.
 
+DICOM files (the ``DICM`` preamble, or a ``.dcm`` name) go through their own pixel pipeline first
+(:func:`fracfeat._dicom.viewer_pixels`: modality LUT, VOI, MONOCHROME1 inversion, 8-bit grayscale,
+as the recipe's ``dicom_*`` settings say), then through :func:`_rgb_square` like every other file.
+
 Two optional settings (:class:`PixelRecipe`; both off by default, which is the recipe above bit for
 bit) make sources of other hospitals look alike: ``crop="content"`` (:func:`content_box`) and
 ``intensity="percentile"`` or ``"clahe"`` (:func:`normalized_intensity`). Every path applies them in
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._deps import require
+from ._dicom import DicomFailure, looks_like_dicom, viewer_pixels
 from ._errors import MissingDependencyError
 from ._views import apply_view, decode_scale
 
@@ -142,17 +147,23 @@ class PixelRecipe:
         ``"content"``: crop to :func:`content_box` before the resize.
     intensity : {"none", "percentile", "clahe"}
         Intensity normalisation of the grayscale (:func:`normalized_intensity`), after the crop.
+    dicom_window, dicom_invert, dicom_frame : str
+        How a DICOM file's pixels are read before the rest of the recipe (:mod:`fracfeat._dicom`).
     """
 
     size: int
     view: str = ""
     crop: str = "none"
     intensity: str = "none"
+    dicom_window: str = "first"
+    dicom_invert: str = "monochrome1"
+    dicom_frame: str = "first"
 
     @classmethod
     def of(cls, config) -> "PixelRecipe":
-        """The recipe of a resolved :class:`fracfeat.ExtractorConfig` (decode size, view, crop, intensity)."""
-        return cls(config.decode_size, config.view, config.crop, config.intensity)
+        """The recipe of a resolved :class:`fracfeat.ExtractorConfig` (decode size, view, crop, intensity, DICOM)."""
+        return cls(config.decode_size, config.view, config.crop, config.intensity, config.dicom_window,
+                   config.dicom_invert, config.dicom_frame)
 
     @property
     def plain(self) -> bool:
@@ -462,6 +473,24 @@ def pixels_from_array(image: np.ndarray, recipe: PixelRecipe | int, view: str = 
     return _rgb_square(Image.fromarray(arr), recipe)
 
 
+def _decode_dicom(data: bytes, recipe: PixelRecipe) -> DecodedImage:
+    """A DICOM file through its own pixel pipeline (:func:`fracfeat._dicom.viewer_pixels`), then ``recipe``.
+
+    Without pydicom the file is a failure row naming the install command (a folder of JPEGs with one
+    DICOM file among them still extracts).
+    """
+    from PIL import Image
+
+    try:
+        arr = viewer_pixels(data, recipe.dicom_window, recipe.dicom_invert, recipe.dicom_frame,
+                            max_pixels=Image.MAX_IMAGE_PIXELS)
+    except DicomFailure as e:
+        return DecodedImage(None, failure(e.kind, e.details))
+    except MissingDependencyError as e:
+        return DecodedImage(None, failure("missing dependency", str(e)))
+    return DecodedImage(_rgb_square(Image.fromarray(arr), recipe))
+
+
 def _is_truncation(exc: Exception) -> bool:
     text = str(exc).lower()
     return "truncated" in text or "broken data stream" in text or "premature end" in text
@@ -480,6 +509,8 @@ def decode_bytes(data: bytes, recipe: PixelRecipe | int, truncated: str = "read"
     recipe = pixel_recipe(recipe, view)
     if not data:
         return DecodedImage(None, failure("empty file", "0 bytes"))
+    if looks_like_dicom(data, name):
+        return _decode_dicom(data, recipe)
     try:
         try:
             return DecodedImage(_decode(data, recipe, allow_truncated=False, name=name))

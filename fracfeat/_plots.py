@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ._deps import require
+from ._explain import overlay, resized_map
 from ._featureset import DEFAULT_CLASSES
 from ._images import load_image
 from ._metrics import expected_calibration_error, reliability_curve
@@ -339,23 +340,28 @@ def worst_first(y_true, scores) -> np.ndarray:
 
 
 def plot_sample_grid(paths, y_true, scores, threshold: float | None = 0.5, classes=DEFAULT_CLASSES, n: int = 24,
-                     columns: int = 6, thumb_size: int = 192, y_pred=None):
+                     columns: int = 6, thumb_size: int = 192, y_pred=None, heatmaps=None):
     """Radiographs with true label and predicted probability, worst errors first.
 
     Each tile is titled with the true class and the probability of ``classes[1]``, in red when the
     prediction at ``threshold`` is wrong. Images go through fracfeat's own decoder (EXIF orientation,
     truncated files read as far as they go), squashed to a square as the backbone sees them.
+    ``heatmaps`` (``{index into paths: map}``, from :func:`fracfeat.explain`) puts each radiograph beside
+    its heatmap overlay (two columns an image); an image without a map gets "no heatmap" there.
     """
     y, s = labels_and_scores(y_true, scores)
     if len(paths) != len(y):
         raise ValueError(f"{len(paths)} paths but {len(y)} labels; give one path per label")
     pred = predicted_positive(s, threshold, y_pred)
     order = worst_first(y, s)[:n]
-    rows = max(1, math.ceil(len(order) / columns))
+    step = 2 if heatmaps is not None else 1
+    rows = max(1, math.ceil(len(order) * step / columns))
     fig = _figure(columns * 1.9, rows * 2.2)
     for k, i in enumerate(order):
-        ax = fig.add_subplot(rows, columns, k + 1)
+        ax = fig.add_subplot(rows, columns, k * step + 1)
         decoded = load_image(str(paths[i]), thumb_size)
+        if heatmaps is not None:
+            _heatmap_tile(fig.add_subplot(rows, columns, k * step + 2), decoded.pixels, heatmaps.get(int(i)))
         if decoded.pixels is not None:
             ax.imshow(decoded.pixels)
         else:
@@ -372,6 +378,18 @@ def plot_sample_grid(paths, y_true, scores, threshold: float | None = 0.5, class
     if not len(order):
         fig.add_subplot().set_axis_off()
     return fig
+
+
+def _heatmap_tile(ax, pixels, heat) -> None:
+    """The radiograph's thumbnail with its heatmap on top (where the model looked), or why there is none."""
+    if pixels is not None and heat is not None:
+        side = pixels.shape[0]
+        ax.imshow(overlay(pixels, resized_map(heat, side, side)))
+        ax.set_title("heatmap: red pushed p up", fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no heatmap", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def save_figure(fig, path: Path) -> None:

@@ -20,7 +20,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ._errors import ConfigError
+from ._errors import ConfigError, FracfeatError
+from ._explain import explain_each
 from ._featureset import DEFAULT_CLASSES, FeatureSet
 from ._metrics import (binary_metrics, checked_metrics, predict_rows, ranking_alarms, shift_alarms,
                        split_feature_step)
@@ -40,6 +41,7 @@ from ._plots import (
     predicted_positive,
     rule_label,
     save_figure,
+    worst_first,
 )
 
 log = logging.getLogger("fracfeat")
@@ -192,13 +194,34 @@ def _tuning_figures(out: Path, study, scoring: str | None) -> list[_Figure]:
     ]
 
 
-def _sample_figure(out: Path, shown: _Shown, paths, n_samples: int) -> _Figure:
-    """The grid of radiographs, worst errors first, across the page's width."""
+def _sample_figure(out: Path, shown: _Shown, paths, n_samples: int, heatmaps=None) -> _Figure:
+    """The grid of radiographs, worst errors first, across the page's width (each beside its heatmap)."""
     n_wrong = shown.op["fp"] + shown.op["fn"]
-    fig = plot_sample_grid(paths, shown.y, shown.s, shown.threshold, shown.classes, n=n_samples, y_pred=shown.pred)
+    maps, how = heatmaps if heatmaps is not None else (None, "")
+    fig = plot_sample_grid(paths, shown.y, shown.s, shown.threshold, shown.classes, n=n_samples, y_pred=shown.pred,
+                           heatmaps=maps)
+    beside = (f" Beside each radiograph, its heatmap ({how}): red where the region pushed p up; it shows where "
+              f"the model looked, not whether it looked at the fracture." if maps is not None else "")
     return _saved(out, "samples.png", fig,
                   f"Worst errors first: {n_wrong} of {len(shown.y)} images are misclassified ({shown.rule}). "
-                  f"Red: wrong, green: right; p is the predicted probability of {shown.classes[1]}.", "wide")
+                  f"Red: wrong, green: right; p is the predicted probability of {shown.classes[1]}.{beside}", "wide")
+
+
+def sample_heatmaps(pipeline, paths, y_true, scores, n_samples: int):
+    """``({index: map}, method)`` for the radiographs the sample grid shows, or None when none can be made
+    (a model that takes feature arrays, images no longer on disk: the grid is drawn without them)."""
+    if split_feature_step(pipeline)[0] is None:
+        return None  # a classifier of feature arrays: nothing reads the images
+    order = worst_first(y_true, scores)[:n_samples]
+    try:
+        maps, method, failures, _ = explain_each(pipeline, [str(paths[i]) for i in order])
+    except (FracfeatError, OSError) as e:
+        log.warning("the report's radiographs are shown without heatmaps: %s", e)
+        return None
+    if failures:
+        log.warning("%d of the report's %d radiographs cannot be read for their heatmaps", len(failures), len(order))
+    found = {int(i): m for i, m in zip(order, maps) if m is not None}
+    return (found, method) if found else None
 
 
 def _write_metrics_json(path: Path, shown: _Shown, metrics: dict | None, summary: dict | None) -> None:
@@ -327,6 +350,7 @@ def write_report(
     n_samples: int = 24,
     sources=None,
     subgroups: dict | None = None,
+    heatmaps=None,
 ) -> Path:
     """Write ``out_dir/index.html`` with its PNG plots, ``metrics.json`` and ``predictions.csv``.
 
@@ -366,6 +390,8 @@ def write_report(
     subgroups : dict, optional
         ``{"source": {value: metrics}, "region": {...}}`` (an :func:`fracfeat.evaluate` split's ``subgroups``):
         a table per grouping, with the intervals.
+    heatmaps : ({index into paths: map}, method), optional
+        Heatmaps (:func:`sample_heatmaps`) the sample grid shows beside the radiographs.
 
     Returns
     -------
@@ -381,7 +407,7 @@ def write_report(
     if study is not None:
         figures += _tuning_figures(out, study, scoring)
     if with_paths:
-        figures.append(_sample_figure(out, shown, paths, n_samples))
+        figures.append(_sample_figure(out, shown, paths, n_samples, heatmaps))
     log.debug("report plots drawn in %.1fs", time.perf_counter() - t0)
     _write_metrics_json(out / "metrics.json", shown, metrics, summary)
     if with_paths:
@@ -507,7 +533,8 @@ def _provenance(pipeline, sources: np.ndarray) -> tuple[dict, list[str]]:
 
 
 def report(model, features_or_source, out_dir, *, version="latest", study=None, split=None, summary=None,
-           title: str = "fracfeat report", notes=(), n_samples: int = 24, by=None, n_boot: int = 1000):
+           title: str = "fracfeat report", notes=(), n_samples: int = 24, by=None, n_boot: int = 1000,
+           heatmaps: bool = True):
     """Evaluate ``model`` on labeled data and write the HTML report page.
 
     Parameters
@@ -535,6 +562,9 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
     by, n_boot
         As for :func:`fracfeat.evaluate`: the groupings of the per-source and per-region tables, and the
         bootstrap replicates of their intervals.
+    heatmaps : bool
+        Show each radiograph of the sample grid beside its heatmap (:func:`fracfeat.explain`; occlusion,
+        the fallback, costs 49 forward passes an image). Left out when the maps cannot be made.
 
     Returns
     -------
@@ -577,5 +607,7 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
         summary=table, metrics=metrics, scoring=getattr(fit_result, "scoring", None), title=title,
         notes=[*getattr(fit_result, "alarms", ()), *ranking_alarms(metrics), *shift_alarms(metrics), *foreign, *notes],
         n_samples=n_samples, sources=rows.column("source")[mask], subgroups=shown.get("subgroups"),
+        heatmaps=sample_heatmaps(pipeline, rows.paths[mask], rows.y[mask], rows.score[mask], n_samples)
+        if heatmaps and len(rows.paths[mask]) else None,
     )
     return page, metrics

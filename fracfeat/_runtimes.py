@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._backbones import CAFFE_MEAN_BGR, ResolvedWeights, backbone_spec, build_backbone
+from ._backbones import CAFFE_MEAN_BGR, TORCH_MEAN_RGB, TORCH_STD_RGB, ResolvedWeights, backbone_spec, build_backbone
 from ._config import ExtractorConfig
 from ._deps import require, require_keras
 from ._hardware import keras_chunk_size
@@ -37,19 +37,33 @@ def _build_feature_model(config: ExtractorConfig, weights: ResolvedWeights):
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[config.precision]
     keras.config.set_dtype_policy(policy)
     try:
-        backbone = build_backbone(spec, config.image_size, weights)
+        backbone = build_backbone(spec, config.image_size, weights, config.feature_layer)
         inputs = keras.Input((config.image_size, config.image_size, 3), dtype="uint8", name="rgb_uint8")
-        x = ops.cast(inputs, "float32")
-        if config.preprocessing == "caffe":
-            x = ops.flip(x, axis=-1) - ops.convert_to_tensor(np.array(CAFFE_MEAN_BGR, dtype="float32"))
+        x = preprocess_in_graph(ops, ops.cast(inputs, "float32"), config.preprocessing)
         if config.layers:
             x = _pooled_taps(keras, backbone, config)(x, training=False)
         else:
-            x = _pool(layers, config.pooling)(backbone(x, training=False))
+            x = backbone(x, training=False)
+            # A user's model cut at a layer that already gives one vector per image (a dense layer) is not pooled.
+            x = _pool(layers, config.pooling)(x) if len(x.shape) > 2 else x
         x = ops.cast(x, "float32")
         return keras.Model(inputs, x, name=f"fracfeat_{spec.name}")
     finally:
         keras.config.set_dtype_policy(policy_before)
+
+
+def preprocess_in_graph(ops, x, preprocessing: str):
+    """float32 RGB 0..255 -> the backbone's input (PREPROCESSINGS in fracfeat._backbones)."""
+    if preprocessing == "caffe":
+        return ops.flip(x, axis=-1) - ops.convert_to_tensor(np.array(CAFFE_MEAN_BGR, dtype="float32"))
+    if preprocessing == "tf":
+        return x / 127.5 - 1.0
+    if preprocessing == "torch":
+        mean, std = (ops.convert_to_tensor(np.array(v, dtype="float32")) for v in (TORCH_MEAN_RGB, TORCH_STD_RGB))
+        return (x / 255.0 - mean) / std
+    if preprocessing == "scale-0-1":
+        return x / 255.0
+    return x  # raw-0-255
 
 
 def _pool(layers, pooling: str, name: str | None = None):
@@ -276,3 +290,22 @@ def build_runner(config: ExtractorConfig, weights: ResolvedWeights):
         float32 = dataclasses.replace(config, precision="float32")
         return OpenVINORunner(config, lambda: _build_feature_model(float32, weights))
     return KerasRunner(_build_feature_model(config, weights), keras_chunk_size())
+
+
+def build_map_model(config: ExtractorConfig, weights: ResolvedWeights):
+    """uint8 (n, s, s, 3) RGB -> the unpooled convolution maps the features are pooled from, float32.
+
+    One (n, h, w, channels) output per layer of ``config.layers``, then the final one: the order the
+    feature model concatenates their pooled values in. Same backbone, weights and preprocessing as
+    :func:`_build_feature_model`, built in float32 whatever ``config.precision`` (for explanations).
+    """
+    keras = require_keras()
+    from keras import ops
+
+    spec = backbone_spec(config.backbone)
+    backbone = build_backbone(spec, config.image_size, weights, config.feature_layer)
+    inputs = keras.Input((config.image_size, config.image_size, 3), dtype="uint8", name="rgb_uint8")
+    x = preprocess_in_graph(ops, ops.cast(inputs, "float32"), config.preprocessing)
+    taps = keras.Model(backbone.input, [backbone.get_layer(n).output for n in config.layers] + [backbone.output])
+    maps = taps(x, training=False)
+    return keras.Model(inputs, list(maps) if isinstance(maps, (list, tuple)) else [maps], name=f"fracfeat_{spec.name}_maps")

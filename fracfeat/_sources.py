@@ -7,11 +7,17 @@ A *source* is one of:
 - a folder holding only images (unlabeled);
 - a CSV manifest with a path column and optional label, split and group columns;
 - a list of image paths (unlabeled unless ``labels=`` is given);
+- a DICOMDIR (a DICOM media directory), or a folder holding one beside folders that are not classes:
+  the image files it lists, unlabeled;
 - a mapping ``{source name: any of the above}``: several sources (hospitals, datasets) together, each
   record tagged with its source's name.
 
 Every source becomes a list of :class:`ImageRecord` in a deterministic order. Every file a folder holds
-becomes a record, a record that fails (DICOM, until it is read), or one logged line of skipped files.
+becomes a record, a record that fails (DICOM without pydicom installed), or one logged line of skipped
+files. DICOM files (``.dcm``, or any file without an image suffix that opens with the ``DICM``
+preamble) are records like images; their header fills what the source leaves empty: ``group`` (a
+salted hash of PatientID), ``source`` (InstitutionName, else Manufacturer) and ``region``
+(BodyPartExamined). docs/dicom.md says what is read and what is kept.
 """
 
 from __future__ import annotations
@@ -25,15 +31,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ._errors import SourceError
+from ._dicom import DICOM_MAGIC_AT, DICOM_SUFFIXES, DICOMDIR_NAME, dicomdir_paths, has_dicom_magic, header_fields
+from ._errors import MissingDependencyError, SourceError
 
 # Suffixes of the formats Pillow reads (tests/test_sources.py checks each against Pillow's registry); a
 # GIF gives its first frame.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif",
                             ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"})
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
-DICOM_REASON = "DICOM files are not supported yet"
-_DICOM_MAGIC_AT = 128  # a DICOM file: a 128-byte preamble, then b"DICM"
+# The failure reason of a DICOM file where pydicom is not installed.
+DICOM_REASON = "missing dependency: pydicom is needed to read DICOM files: pip install 'fracfeat[dicom]'"
 
 log = logging.getLogger("fracfeat")
 
@@ -71,8 +77,8 @@ class ImageRecord:
 
     ``source`` names where it comes from (a hospital, a dataset: a CSV ``source`` column or the key of a
     mapping of sources), ``region`` the body region (a CSV ``region`` column); "" when unknown.
-    ``failure`` is set when the file is known to be unusable before it is read (DICOM): it becomes a
-    failure row of the version with that reason.
+    ``failure`` is set when the file is known to be unusable before it is read (DICOM without pydicom):
+    it becomes a failure row of the version with that reason.
     """
 
     path: str
@@ -120,8 +126,11 @@ def is_image_file(path: Path) -> bool:
 
 
 def is_dicom_file(path: Path) -> bool:
-    """A ``.dcm`` (``.dicom``) file, or a file without an image suffix that opens with the DICOM preamble."""
-    if path.name.startswith("."):
+    """A ``.dcm`` (``.dicom``) file, or a file without an image suffix that opens with the DICOM preamble.
+
+    A DICOMDIR (an index, no pixels) is not: as a source it stands for the files it lists.
+    """
+    if path.name.startswith(".") or path.name.upper() == DICOMDIR_NAME:
         return False
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
@@ -129,16 +138,22 @@ def is_dicom_file(path: Path) -> bool:
         return False
     try:
         with open(path, "rb") as f:
-            head = f.read(_DICOM_MAGIC_AT + 4)
+            head = f.read(DICOM_MAGIC_AT + 4)
     except OSError:
         return False
-    return head[_DICOM_MAGIC_AT:] == b"DICM"
+    return has_dicom_magic(head)
 
 
-def _record(path, label=UNLABELED, class_name="", split="", group="", **meta) -> ImageRecord:
-    """A record of ``path``; a DICOM file's carries its failure reason."""
-    reason = DICOM_REASON if is_dicom_file(Path(path)) else ""
-    return ImageRecord(str(path), label, class_name, split, group, failure=reason, **meta)
+def _record(path, label=UNLABELED, class_name="", split="", group="", source="", region="") -> ImageRecord:
+    """A record of ``path``; a DICOM file's header fills the group, source and region the source left empty."""
+    if not is_dicom_file(Path(path)):
+        return ImageRecord(str(path), label, class_name, split, group, source, region)
+    try:
+        header = header_fields(str(path))
+    except MissingDependencyError:
+        return ImageRecord(str(path), label, class_name, split, group, source, region, failure=DICOM_REASON)
+    return ImageRecord(str(path), label, class_name, split, group or header.get("group", ""),
+                       source or header.get("source", ""), region or header.get("region", ""))
 
 
 class _Skipped:
@@ -208,6 +223,8 @@ def _folder_records(folder: Path, class_map, skipped: _Skipped) -> list[ImageRec
     subdirs = _subdirs(folder)
     if not subdirs:
         return [_record(p) for p in _images_in(folder, skipped)]
+    if (folder / DICOMDIR_NAME).is_file() and not any(_names_a_class(d.name, class_map) for d in subdirs):
+        return [_record(p) for p in dicomdir_paths(folder / DICOMDIR_NAME)]  # a DICOM disc: DICOMDIR + DICOM/...
     split_dirs = [d for d in subdirs if d.name.lower() in _SPLIT_NAMES]
     if split_dirs:
         others = [d.name for d in subdirs if d not in split_dirs]
@@ -222,6 +239,17 @@ def _folder_records(folder: Path, class_map, skipped: _Skipped) -> list[ImageRec
             records.extend(_class_folders(d, _SPLIT_NAMES[d.name.lower()], class_map, skipped))
         return records
     return _class_folders(folder, "", class_map, skipped)
+
+
+def _names_a_class(name: str, class_map) -> bool:
+    """Whether a folder name is a split or a class name (so a DICOMDIR beside it is not the source)."""
+    if name.lower() in _SPLIT_NAMES:
+        return True
+    try:
+        label_for_class_name(name, class_map)
+    except SourceError:
+        return False
+    return True
 
 
 def _pick_column(fieldnames: Sequence[str], candidates: Sequence[str]) -> str | None:
@@ -371,6 +399,8 @@ def load_records(source, *, labels=None, groups=None, splits=None, class_map=Non
             records, kind = records_from_folder(path, class_map), "folder"
         elif path.suffix.lower() == ".csv":
             records, kind = records_from_csv(path, class_map), "csv"
+        elif path.name.upper() == DICOMDIR_NAME:
+            records, kind = [_record(p) for p in dicomdir_paths(path)], "dicomdir"
         elif is_image_file(path) or is_dicom_file(path):
             records, kind = [_record(path)], "image"
         else:
@@ -388,7 +418,7 @@ def load_records(source, *, labels=None, groups=None, splits=None, class_map=Non
         description = f"paths:{len(records)} files"
     if not records:
         raise SourceError(f"source {source if isinstance(source, (str, os.PathLike)) else 'list'} holds no images "
-                          f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+                          f"(looked for {', '.join(sorted(IMAGE_SUFFIXES | DICOM_SUFFIXES))} and DICOM files)")
     return records, description
 
 

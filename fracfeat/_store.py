@@ -810,7 +810,7 @@ class FeatureStore:
         Only files that pass their checks count: a version's cheap check (as ``open`` makes it), a
         checkpoint's full one (its features too). A checkpoint that fails is handed to ``set_aside``
         (the writer's, which moves it away) or skipped; either way with a warning, and its rows are
-        computed again. A snapshot: read inside ``with store.writer():``, it holds until that writer commits.
+        computed again. A snapshot: read inside ``with store.writer():``, it holds until that block ends.
         """
         index: dict[str, tuple[Path, int, bool]] = {}
         if not self.root.is_dir():
@@ -1233,10 +1233,13 @@ class StoreWriter:
 
     Only ``with store.writer() as w:`` (:meth:`FeatureStore.writer`) makes one, with the lock taken,
     the layout created and ``tmp/`` emptied; once the block is left every step raises StoreError.
-    ``extract``, in the block, reads the cache (:meth:`FeatureStore.cache_index`: under the lock,
-    what it finds stays true until the commit), then calls :meth:`write_checkpoint` as rows are
-    computed, :meth:`find_identical`, :meth:`write_version` (which numbers the version and finds its
-    parent, :meth:`latest_with_fingerprint`) and :meth:`remove_checkpoints`. The writer owns the
+    ``extract`` holds the lock only for single steps, so two extractions compute side by side: it plans
+    from :meth:`FeatureStore.cache_index` without the lock, takes the lock for each
+    :meth:`write_checkpoint` (a checkpoint is named by its run: private to it), and once more to commit:
+    it re-reads the cache there (:meth:`cache_index`: true until that block ends; another writer may have
+    committed, and removed the checkpoints its version covers), then calls :meth:`find_identical`,
+    :meth:`write_version` (which numbers the version and finds its parent, :meth:`latest_with_fingerprint`)
+    and :meth:`remove_checkpoints`. The writer owns the
     attributes of the version files (docs/store-format.md); :class:`FeatureStore` reads them.
     """
 

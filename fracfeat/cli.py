@@ -23,10 +23,13 @@ import sys
 from dataclasses import asdict
 
 from ._adapt import adapt
+from ._backbones import backbone_table
 from ._config import ExtractorSettings
 from ._errors import ConfigError, FracfeatError, StoreError, UnreadableImagesError
+from ._explain import METHODS as EXPLAIN_METHODS
+from ._explain import OCCLUSION_GRID, explain_method, save_explanations
 from ._extract import extract
-from ._fit import check_storage, check_tuning, fit, quiet_optuna
+from ._fit import check_storage, check_tuning, fit, quiet_optuna, tune_worker
 from ._metrics import evaluate
 from ._model_io import check_output_file, check_output_folder, load_model, save_model
 from ._plots import format_value
@@ -100,18 +103,20 @@ def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | Non
     if store_default is not None:
         g.add_argument("--store", default=store_default, help=f"feature store folder (default: {store_default})")
     g.add_argument("--weights", default=None,
-                   help="'imagenet' (Keras' download), a Keras no-top weights file, or 'none' for random weights "
-                        "(default: imagenet)")
+                   help="'imagenet' (Keras' download), a Keras no-top weights file, 'none' for random weights, or "
+                        "with --backbone keras your own .keras model file (default: imagenet)")
     g.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per forward pass (default: chosen for the hardware)")
     g.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first unreadable image (default: record it as a failure and go on)")
+    g.add_argument("--scheduler", default=None, metavar="tcp://HOST:8786",
+                   help="compute on this Dask cluster's workers (pip install 'fracfeat[dask]'; docs/scale.md)")
 
 
 def _extract_kwargs(args) -> dict:
     settings = {name: getattr(args, name, None) for name in ExtractorSettings.names()}
     return {**_given(**settings, weights=args.weights, batch_size=args.batch_size, strict=args.strict,
-                     preset=args.preset),
+                     preset=args.preset, client=args.scheduler),
             "progress": not args.quiet}
 
 
@@ -214,7 +219,8 @@ def _add_tuning_options(p: argparse.ArgumentParser, api) -> None:
     threshold = d["threshold"]
     g = p.add_argument_group("tuning")
     g.add_argument("--classifier", default=None,
-                   help=f"logreg, svm, xgboost, or auto (searches the three) (default: {d['classifier']})")
+                   help=f"logreg, svm, xgboost, mlp (a dense head), or auto (searches them all) "
+                        f"(default: {d['classifier']})")
     g.add_argument("--trials", type=int, default=None, metavar="N", help=f"Optuna trials (default: {d['n_trials']})")
     g.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
     g.add_argument("--cv", type=_cv_arg, default=None, metavar="K|source|region",
@@ -437,12 +443,50 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_tune_worker(args) -> int:
+    path, version = split_store_ref(args.store)
+    ran = tune_worker(open_store(path), version=version, storage=args.storage, study_name=args.study,
+                      n_trials=args.trials, timeout=args.timeout, wait=args.wait, progress=not args.quiet)
+    print(f"{ran} trials run into study {args.study!r}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     table = presets()
     if args.json:
         _print_json([p.as_dict() for p in table.values()])
         return 0
     print("\n\n".join(p.describe() for p in table.values()))
+    return 0
+
+
+def cmd_backbones(args) -> int:
+    rows = backbone_table()
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'backbone':<18} {'width':>5} {'default':>7} {'min':>4}  preprocessing")
+    for r in rows:
+        print(f"{r['name']:<18} {r['width']:>5} {r['default_size']:>7} {r['min_size']:>4}  {r['preprocessing']}")
+    print("\nwidth: features per image with pooling avg or max. Your own model: --backbone keras --weights "
+          "MODEL.keras --preprocessing MODE [--feature-layer NAME]")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    check_output_folder(args.out, "--out")
+    model = load_model(args.model)
+    method, why = explain_method(model) if args.method == "auto" else (args.method, "")
+    try:
+        rows = save_explanations(model, args.images, args.out, method=args.method, grid=args.grid)
+    except UnreadableImagesError as e:
+        raise e.with_fix("fix them or leave them out of the IMAGE arguments") from None
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"method: {rows[0]['method'] if rows else method}" + (f" ({why})" if why else ""))
+    for r in rows:
+        print(f"{r['path']}  p={r['probability']:.3f}  {r['png']}  {r['npy']}")
     return 0
 
 
@@ -619,6 +663,47 @@ def _add_presets_command(sub, common) -> None:
     p.set_defaults(func=cmd_presets)
 
 
+def _add_tune_worker_command(sub, common) -> None:
+    p = sub.add_parser("tune-worker", parents=[common], help="run trials of a stored study that fit started",
+                       description="Join the Optuna study NAME in --storage (started by `fracfeat fit ... --storage "
+                                   "URL --study-name NAME`) and run its trials until it holds N, on this machine. "
+                                   "Classifier, scoring, seed and folds are the study's; STORE@V must hold the rows "
+                                   "it was started on. The fit call builds the model, once.")
+    p.add_argument("store", metavar="STORE[@VERSION]", help="the feature store version the study tunes on")
+    p.add_argument("--storage", required=True, metavar="URL", help="the study's storage, e.g. postgresql://user@host/db")
+    p.add_argument("--study", required=True, metavar="NAME", help="the study's name")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials the study holds when done (all workers)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--wait", type=float, default=600.0, metavar="S",
+                   help="wait up to S seconds for the study to be started (default: 600)")
+    p.set_defaults(func=cmd_tune_worker)
+
+
+def _add_explain_command(sub, common) -> None:
+    p = sub.add_parser("explain", parents=[common], help="heatmaps: where the model looks in each image",
+                       description="Write a heatmap per image: DIR/NAME.png (the radiograph with the regions that "
+                                   "pushed P(fracture) up in colour) and DIR/NAME.npy (the raw map, in log-odds, at "
+                                   "the image's own pixel size). Exact for logistic regression, the SVM and XGBoost "
+                                   "on average-pooled features; occlusion otherwise.")
+    p.add_argument("model", help="model file (.joblib)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG overlays and .npy maps")
+    p.add_argument("--method", choices=EXPLAIN_METHODS, default="auto",
+                   help="auto (exact where the model allows, else occlusion), exact, or occlusion")
+    p.add_argument("--grid", type=int, default=OCCLUSION_GRID, metavar="N",
+                   help=f"occlusion patches per side (default {OCCLUSION_GRID}: N x N forward passes an image)")
+    _json_option(p)
+    p.set_defaults(func=cmd_explain)
+
+
+def _add_backbones_command(sub, common) -> None:
+    p = sub.add_parser("backbones", parents=[common], help="list the backbones --backbone takes",
+                       description="List every backbone --backbone takes (the keras.applications CNNs): its "
+                                   "feature width, default and minimum input size, and input preprocessing.")
+    _json_option(p)
+    p.set_defaults(func=cmd_backbones)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(suppress=True)
     parser = argparse.ArgumentParser(
@@ -630,7 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_command in (_add_extract_command, _add_store_command, _add_fit_command, _add_evaluate_command,
                         _add_predict_command, _add_run_command, _add_presets_command, _add_adapt_command,
-                        _add_recalibrate_command):
+                        _add_recalibrate_command, _add_tune_worker_command, _add_explain_command,
+                        _add_backbones_command):
         add_command(sub, common)
     return parser
 

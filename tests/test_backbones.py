@@ -7,6 +7,8 @@ build takes a second or two; models are built once per module and shared between
 from __future__ import annotations
 
 import functools
+import json
+import os
 import warnings
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 from fracfeat import ConfigError, WeightsError
 from fracfeat._backbones import (
     BACKBONES,
+    keras_facts,
     backbone_spec,
     build_backbone,
     resolve_image_size,
@@ -42,16 +45,18 @@ def engine(backbone: str, pooling: str, size: int) -> FeatureEngine:
 
 
 def test_registry_defaults():
-    assert {name: spec.default_size for name, spec in BACKBONES.items()} == {
+    first = list(BACKBONES)[:3]
+    assert {name: BACKBONES[name].default_size for name in first} == {
         "vgg16": 224, "resnet50": 224, "efficientnetb2": 260}
-    assert {name: spec.preprocessing for name, spec in BACKBONES.items()} == {
+    assert {name: BACKBONES[name].preprocessing for name in first} == {
         "vgg16": "caffe", "resnet50": "caffe", "efficientnetb2": "raw-0-255"}
+    assert backbone_spec("DenseNet-121") is BACKBONES["densenet121"]
     assert backbone_spec("EfficientNet-B2") is BACKBONES["efficientnetb2"]
     assert backbone_spec("ResNet_50") is BACKBONES["resnet50"]
 
 
 def test_unknown_backbone_lists_the_choices():
-    with pytest.raises(ConfigError, match="unknown backbone 'inception'.*vgg16, resnet50, efficientnetb2"):
+    with pytest.raises(ConfigError, match="unknown backbone 'inception'.*vgg16, resnet50, efficientnetb2.*'keras'"):
         backbone_spec("inception")
 
 
@@ -183,3 +188,139 @@ def test_real_vgg16_weights_load_and_differ_from_random(vgg16_weights, real_imag
     random = engine("vgg16", "avg", 64).forward(pixels)
     assert np.isfinite(real).all() and (real >= 0).all()  # ReLU features
     assert not np.allclose(real, random)
+
+
+# Keras' MobileNetV3 checks its input size itself (no obtain_input_shape call): 224 px by default, 32 at least.
+SIZES_NOT_READ_FROM_KERAS = {"MobileNetV3Small", "MobileNetV3Large"}
+
+
+def test_registry_is_every_keras_cnn_as_keras_describes_it():
+    """Every keras.applications CNN is in the registry, with the sizes and preprocessing Keras gives it."""
+    import keras
+
+    constructors = {n for n in dir(keras.applications) if n[0].isupper()}
+    assert constructors == {spec.keras_constructor for spec in BACKBONES.values()}
+    for spec in BACKBONES.values():
+        facts = keras_facts(spec.keras_constructor)
+        assert facts["preprocessing"] == spec.preprocessing, spec.name
+        assert f"keras.applications.{spec.keras_module}".rsplit(".", 1)[-1] in (facts["keras_module"], "resnet50")
+        if spec.keras_constructor in SIZES_NOT_READ_FROM_KERAS:
+            assert "default_size" not in facts and (spec.default_size, spec.min_size) == (224, 32)
+        else:
+            assert (facts["default_size"], facts["min_size"]) == (spec.default_size, spec.min_size), spec.name
+
+
+def test_in_graph_preprocessing_equals_each_modules_preprocess_input():
+    import importlib
+
+    from keras import ops
+
+    from fracfeat._runtimes import preprocess_in_graph
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3)).astype("float32")
+    for spec in BACKBONES.values():
+        module = importlib.import_module(f"keras.applications.{spec.keras_module}")
+        ours = np.asarray(preprocess_in_graph(ops, ops.convert_to_tensor(pixels), spec.preprocessing))
+        np.testing.assert_allclose(ours, module.preprocess_input(pixels.copy()), rtol=1e-5, atol=1e-4,
+                                   err_msg=spec.name)
+
+
+# Each child builds its share of the registry in turn (two children: the machine's two cores).
+BUILD_CHILD = r"""
+import json, sys, time
+import numpy as np
+import keras
+from fracfeat._backbones import BACKBONES
+from fracfeat._config import resolve_extractor
+from fracfeat._engine import FeatureEngine
+from fracfeat._images import load_image
+image = sys.argv[1]
+for name in sys.argv[2:]:
+    spec = BACKBONES[name]
+    t = time.perf_counter()
+    config, weights = resolve_extractor(name, None, spec.min_size, "avg", precision="float32", runtime="keras")
+    pixels = load_image(image, spec.min_size).pixels[None]
+    out = np.asarray(FeatureEngine(config, weights).runner.model(pixels, training=False))
+    print(json.dumps({"name": name, "shape": list(out.shape), "finite": bool(np.isfinite(out).all()),
+                      "seconds": round(time.perf_counter() - t, 2)}), flush=True)
+    keras.backend.clear_session()
+"""
+
+
+# One member of each Keras architecture function the other tests do not build (vgg16, resnet50 and
+# efficientnetb2 are built above): the cheapest of its family. The larger members differ from it in depth
+# and width only; building all 40 at the minimum size took 325 s on this loaded 2-core machine (each one's
+# seconds: the docstring of the test below), so they, and the two costliest families (InceptionResNetV2
+# 15 s, NASNet 17 s), are built by the opt-in test below.
+FAMILY_MEMBERS = ("vgg19", "resnet50v2", "densenet121", "efficientnetv2b0", "convnexttiny", "mobilenet", "mobilenetv2",
+                  "mobilenetv3small", "mobilenetv3large", "inceptionv3", "xception")
+EVERY_BACKBONE = "FRACFEAT_TEST_EVERY_BACKBONE"
+
+
+def _build_in_children(names, image, python, env, cwd) -> dict:
+    """Two children (one per core), each building its share of ``names`` in turn: {name: its JSON row}."""
+    import subprocess
+
+    children = [subprocess.Popen([python, "-c", BUILD_CHILD, image, *names[i::2]], env=env, cwd=cwd,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    rows = {}
+    for child in children:
+        out, err = child.communicate(timeout=1200)
+        assert child.returncode == 0, err[-3000:]
+        rows.update({r["name"]: r for r in map(json.loads, out.strip().splitlines())})
+    assert sorted(rows) == sorted(names)
+    for name, r in rows.items():
+        assert r["shape"] == [1, BACKBONES[name].width] and r["finite"], r
+    print("build+extract seconds:", json.dumps({n: rows[n]["seconds"] for n in names}))
+    return rows
+
+
+def test_each_keras_architecture_builds_and_extracts_at_its_minimum_size(real_images, python, subprocess_env,
+                                                                          tmp_path):
+    """weights=None (seeded random): the feature model (uint8 in, in-graph preprocessing, backbone, pooling)
+    of one member of every Keras architecture builds at its minimum size and gives one finite row of its
+    width for a real radiograph. Run eagerly (the runner's one-shape graph call is tested on the measured
+    three): tracing each graph would double the cost."""
+    assert set(FAMILY_MEMBERS) <= set(BACKBONES)
+    _build_in_children(list(FAMILY_MEMBERS), str(real_images["fractured"][0]), python, subprocess_env, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(EVERY_BACKBONE), reason=f"all 40 backbones take 3-5 min on 2 cores: set "
+                    f"{EVERY_BACKBONE}=1 to build every one (the suite builds one of each architecture)")
+def test_every_backbone_builds_and_extracts_at_its_minimum_size(real_images, python, subprocess_env, tmp_path):
+    """As above, for every registered backbone. Seconds each (build + one eager forward at the minimum
+    size, with a second child on the other core, load average 6-7 here): vgg16 2.5, resnet50 7, efficientnetb2
+    10, vgg19 2, resnet101 11, resnet152 17, resnet50v2 5, resnet101v2 14, resnet152v2 20, densenet121 14,
+    densenet169 19, densenet201 22, efficientnetb0 10, b1 11, b3 9, b4 14, b5 17, b6 29, b7 33, efficientnetv2b0
+    13, v2b1 12, v2b2 12, v2b3 17, v2s 13, v2m 23, v2l 41, convnexttiny 9, small 10, base 14, large 15, xlarge
+    26, mobilenet 1.4, mobilenetv2 4, mobilenetv3small 5, mobilenetv3large 2, inceptionv3 5, inceptionresnetv2
+    15, xception 2.5, nasnetmobile 17, nasnetlarge 25 (325 s in all, the two children side by side; 176 s at load
+    average 3.5-6, the costliest then convnextxlarge 32, nasnetlarge 24, convnextlarge 19, nasnetmobile 17,
+    inceptionresnetv2 17, efficientnetv2l 15, efficientnetb7 12). The suite's test above took 21-118 s."""
+    _build_in_children(list(BACKBONES), str(real_images["fractured"][0]), python, subprocess_env, tmp_path)
+
+
+def test_the_backbones_command_lists_every_backbone(python, subprocess_env):
+    import subprocess
+
+    out = subprocess.run([python, "-m", "fracfeat", "backbones", "--json"], env=subprocess_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["name"] for r in rows] == list(BACKBONES)
+    dense = next(r for r in rows if r["name"] == "densenet121")
+    assert (dense["width"], dense["default_size"], dense["min_size"], dense["preprocessing"]) == (
+        1024, 224, 32, "torch")
+    text = subprocess.run([python, "-m", "fracfeat", "backbones"], env=subprocess_env, capture_output=True, text=True,
+                          timeout=120).stdout
+    assert "inceptionv3" in text and "299" in text and "--backbone keras --weights MODEL.keras" in text
+
+
+def test_backbones_without_known_imagenet_file_or_taps_say_what_to_do():
+    with pytest.raises(WeightsError, match=r"DenseNet121\(include_top=False, weights='imagenet'\).save_weights"):
+        resolve_weights(BACKBONES["densenet121"], "imagenet")
+    with pytest.raises(ConfigError, match="tap points of vgg16, resnet50, efficientnetb2 only, not of densenet121"):
+        resolve_extractor("densenet121", None, layers="conv4_block24_concat")
+    config, _ = resolve_extractor("densenet121", None)
+    assert (config.runtime, config.image_size, config.preprocessing) == ("keras", 224, "torch")

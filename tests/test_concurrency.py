@@ -144,3 +144,36 @@ def test_two_writers_started_together_on_a_new_store(fracatlas, tmp_path):
     store = FeatureStore(root)
     assert_only_complete_versions(store, [1])
     assert len(store.open(1)) == 16
+
+
+@pytest.mark.slow
+def test_two_extractions_compute_side_by_side_and_queue_only_their_commits(fracatlas, tmp_path):
+    """The writer lock is held only to save a checkpoint and to commit: an extraction held while computing
+    (in a real child process) blocks no one; a second one computes and commits meanwhile, then the first
+    commits too, its rows and the second's each once."""
+    images = clean_images(fracatlas, 16)
+    store = FeatureStore(tmp_path / "store")
+    # A is held at its 3rd batch of 4: its first 8 rows are in a checkpoint, the lock is not held.
+    a = start_child(tmp_path / "children", "a", images[:12], store.root, pause_at="batch:3")
+    b = None
+    try:
+        a.wait_held()
+        with store.writer(lock_timeout=0):  # A computes without the lock
+            pass
+        b = start_child(tmp_path / "children", "b", images[4:], store.root, lock_timeout=5)
+        result_b = b.result()  # B finished while A is still held
+        assert a.proc.poll() is None
+        a.release()
+        result_a = a.result()
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+    assert (result_b["version"], result_a["version"]) == (1, 2)
+    assert (result_b["n_computed"], result_b["n_reused"]) == (8, 4)  # images 4-7 from A's checkpoint
+    assert (result_a["n_computed"], result_a["n_reused"]) == (12, 0)
+    assert_only_complete_versions(store, [1, 2])
+    assert not list((store.root / "checkpoints").rglob("*.h5"))  # each run's checkpoints folded in and removed
+    v1, v2 = store.open(1), store.open(2)
+    assert len(set(v1.ids)) == 12 and len(set(v2.ids)) == 12
+    np.testing.assert_array_equal(v1.X[:8], v2.X[4:])

@@ -173,7 +173,7 @@ def test_choose_threshold_meets_the_goal():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(classifier="forest"), "choose one of logreg, svm, xgboost, auto"),
+    (dict(classifier="forest"), "choose one of logreg, svm, xgboost, mlp, auto"),
     (dict(cv=40), "cv=40 folds need at least 40 images of each class"),
     (dict(threshold="recall:2"), "threshold="),
     (dict(n_trials=0), "n_trials=0"),
