@@ -66,7 +66,7 @@ PINNED_DECODERS = {
 }
 
 # The header fields a record takes (nothing else of the header is read into fracfeat).
-HEADER_TAGS = ("PatientID", "StudyInstanceUID", "InstitutionName", "Manufacturer", "BodyPartExamined")
+HEADER_TAGS = ("PatientID", "StudyInstanceUID", "InstitutionName", "Manufacturer", "BodyPartExamined", "ViewPosition")
 
 
 class DicomFailure(Exception):
@@ -305,11 +305,12 @@ def patient_group(patient_id: str, study_uid: str = "") -> str:
 
 
 def header_fields(path: str) -> dict:
-    """``group``, ``source`` and ``region`` a DICOM file's header gives ({} when it cannot be read).
+    """``group``, ``source``, ``region`` and ``projection`` a DICOM file's header gives ({} when it cannot be read).
 
     ``group``: :func:`patient_group` of PatientID (else StudyInstanceUID); ``source``: InstitutionName,
-    else Manufacturer; ``region``: BodyPartExamined, lower case. Only the header's first elements are
-    read (up to the pixels). A damaged file gives {}: decoding it makes its failure row.
+    else Manufacturer; ``region``: BodyPartExamined, lower case; ``projection``: ViewPosition (AP, PA, LL...),
+    upper case as DICOM writes it. Only the header's first elements are read (up to the pixels). A damaged
+    file gives {}: decoding it makes its failure row.
     """
     pydicom = pydicom_library()
     try:
@@ -326,7 +327,7 @@ def header_fields(path: str) -> dict:
 
     return {"group": patient_group(text("PatientID"), text("StudyInstanceUID")),
             "source": text("InstitutionName") or text("Manufacturer"),
-            "region": text("BodyPartExamined").lower()}
+            "region": text("BodyPartExamined").lower(), "projection": text("ViewPosition").upper()}
 
 
 def dicomdir_paths(path: Path) -> list[Path]:

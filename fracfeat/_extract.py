@@ -19,13 +19,13 @@ from ._distributed import distributed_batches
 from ._engine import FeatureEngine
 from ._errors import ConfigError, ImageError, SourceError
 from ._faults import pause_point
-from ._featureset import FeatureSet, join_features
+from ._featureset import METADATA_ATTRS, FeatureSet, join_features
 from ._hardware import preferred_batch_size
 from ._images import UnreadableFileError, failure_kind, sha256_of_file
 from ._presets import preset_defaults
 from ._progress import progress_bar
 from ._runtimes import keras_versions
-from ._sources import load_records
+from ._sources import ROW_METADATA, load_records
 from ._store import FeatureStore, StoreWriter, records_sha256, utc_now
 from ._version import __version__
 
@@ -118,8 +118,8 @@ def extract(
     source : str, Path, list of paths, or mapping
         A folder of class subfolders (``fractured/``, ``not_fractured/``), a folder of split folders
         (``train/``, ``val/``, ``test/``) each holding class folders, a folder of images (unlabeled), a CSV
-        manifest with a path column (optional label, split, group, source and region columns), or a list
-        of image paths. Several sources together: ``{"fracatlas": "data/fracatlas/manifest.csv",
+        manifest with a path column (optional label, split, group, source, region and projection columns), or
+        a list of image paths. Several sources together: ``{"fracatlas": "data/fracatlas/manifest.csv",
         "hbfmid": "data/hbfmid"}``, each row tagged with its source's name (``FeatureSet.sources``).
     preset : str or Preset, optional
         A named preset (:func:`fracfeat.presets`): its extractor settings fill every one this call does
@@ -450,8 +450,7 @@ def _version_rows(plan: _Plan) -> tuple[dict, list[dict]]:
         "splits": [records[i].split for i in keep],
         "groups": [records[i].group for i in keep],
         "truncated": [int(index[ids[i]][2]) for i in keep],
-        "sources": [records[i].source for i in keep],
-        "regions": [records[i].region for i in keep],
+        **{attr: [getattr(records[i], name) for i in keep] for name, attr in zip(ROW_METADATA, METADATA_ATTRS)},
     }
     return table, failures
 
@@ -459,7 +458,7 @@ def _version_rows(plan: _Plan) -> tuple[dict, list[dict]]:
 def _content_sha256(table: dict, failures: list[dict]) -> str:
     """The version's ``content_sha256``: its row table and its failures (equal: an identical version)."""
     content = records_sha256(table["ids"], table["paths"], table["labels"], table["class_names"],
-                             table["splits"], table["groups"], table["sources"], table["regions"])
+                             table["splits"], table["groups"], *(table[name] for name in METADATA_ATTRS))
     failure_key = records_sha256([f["path"] for f in failures], [f["reason"] for f in failures],
                                  *[[""] * len(failures)] * 4)
     return records_sha256([content], [failure_key], [0], [""], [""], [""])

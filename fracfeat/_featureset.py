@@ -11,7 +11,10 @@ import numpy as np
 from ._config import ExtractorConfig
 from ._errors import ConfigError
 from ._images import failure_kind
-from ._sources import UNLABELED
+from ._sources import ROW_METADATA, UNLABELED
+
+# The FeatureSet attribute of each record metadata field (sources, regions, projections): a str array per row.
+METADATA_ATTRS = tuple(name + "s" for name in ROW_METADATA)
 
 DEFAULT_CLASSES = ("not_fractured", "fractured")
 
@@ -67,9 +70,9 @@ class FeatureSet:
         sha256 of each image file's bytes.
     paths, groups, splits, class_names : ndarray of str
         Per row; empty strings where the source said nothing.
-    sources, regions : ndarray of str
-        Per row: the source (hospital, dataset) and the body region the image comes from, "" where
-        unknown (always "" in store versions written before they existed).
+    sources, regions, projections : ndarray of str
+        Per row: the source (hospital, dataset), the body region and the radiographic projection (AP, PA,
+        lateral...) of the image, "" where unknown (always "" in store versions written before they existed).
     classes : tuple of str
         Display names of label 0 and label 1 (the source's own names when it had them).
     version : int or None
@@ -98,9 +101,10 @@ class FeatureSet:
     x_loader: Any = field(default=None, repr=False, compare=False)
     sources: np.ndarray | None = None
     regions: np.ndarray | None = None
+    projections: np.ndarray | None = None
 
     def __post_init__(self):
-        for name in ("sources", "regions"):
+        for name in METADATA_ATTRS:
             if getattr(self, name) is None:
                 setattr(self, name, np.full(len(self.ids), "", dtype=object))
 
@@ -188,8 +192,8 @@ class FeatureSet:
         return replace(
             self, X=self.X[rows], y=None if self.y is None else self.y[rows], ids=self.ids[rows],
             paths=self.paths[rows], groups=self.groups[rows], splits=self.splits[rows],
-            class_names=self.class_names[rows], truncated=tr, failures=[], sources=self.sources[rows],
-            regions=self.regions[rows],
+            class_names=self.class_names[rows], truncated=tr, failures=[],
+            **{name: getattr(self, name)[rows] for name in METADATA_ATTRS},
         )
 
     def split(self, name: str) -> "FeatureSet":

@@ -12,7 +12,7 @@ import numpy as np
 from ._errors import ConfigError, SourceError, bad_rows_fix, check_finite_rows
 from ._featureset import FeatureSet, classes_from_rows
 from ._model_io import load_model, pipeline_of  # noqa: F401  (load_model: re-exported, its old home)
-from ._sources import UNLABELED, load_records
+from ._sources import ROW_METADATA, UNLABELED, load_records
 from ._store import FeatureStore
 
 log = logging.getLogger("fracfeat")
@@ -220,8 +220,8 @@ def _scores(head, X):
 @dataclass
 class Predictions:
     """One row per evaluated image: true label, predicted label, P(fractured), split and path, and what the
-    source says of the image: its near-duplicate group, source (hospital, dataset) and body region ("" where
-    it says nothing)."""
+    source says of the image: its near-duplicate group, source (hospital, dataset), body region and projection
+    ("" where it says nothing)."""
 
     y: np.ndarray
     pred: np.ndarray
@@ -234,17 +234,18 @@ class Predictions:
     groups: np.ndarray | None = None
     sources: np.ndarray | None = None
     regions: np.ndarray | None = None
-    failed_by: dict = field(default_factory=dict)  # {"source": values, "region": values} of the unreadable images
+    failed_by: dict = field(default_factory=dict)  # {"source": values, "region": values...} of the unreadable images
+    projections: np.ndarray | None = None
 
     def column(self, by: str) -> np.ndarray:
-        """Each row's value of a :data:`SUBGROUPS` grouping ("source", "region"): "" where unknown."""
-        values = {"source": self.sources, "region": self.regions}[by]
+        """Each row's value of a :data:`SUBGROUPS` grouping ("source", "region", "projection"): "" where unknown."""
+        values = getattr(self, by + "s")
         return np.full(len(self.y), "", dtype=object) if values is None else np.asarray(values).astype(str)
 
 
 def _described(items, n: int, name: str) -> np.ndarray:
     """``name`` of each record or feature row as a str array ("" where missing): read with getattr, so
-    sources made before the ``source``/``region`` columns existed give ""."""
+    sources made before the metadata columns existed give ""."""
     values = getattr(items, name + "s", None) if not isinstance(items, list) else [
         getattr(r, name, "") for r in items]
     if values is None:
@@ -308,8 +309,8 @@ def predict_rows(model, features_or_source, *, version="latest") -> Predictions:
     return Predictions(y=np.asarray(y), pred=np.asarray(pred), score=np.asarray(score, dtype=np.float64),
                        splits=np.asarray(splits), paths=np.asarray(paths), classes=tuple(classes),
                        failed_splits=np.asarray(failed_splits), outside=None if alarm is None else alarm.predict(X),
-                       groups=described["group"], sources=described["source"], regions=described["region"],
-                       failed_by=failed_by)
+                       groups=described["group"], failed_by=failed_by,
+                       **{name + "s": described[name] for name in SUBGROUPS})
 
 
 def evaluate(model, features_or_source, *, split=None, version="latest", by=None, n_boot: int = 1000,
@@ -330,9 +331,10 @@ def evaluate(model, features_or_source, *, split=None, version="latest", by=None
         metrics dict directly.
     version : int or "latest"
         Store version, when ``features_or_source`` is a store.
-    by : sequence of {"source", "region"}, optional
-        Groupings to break the figures down by (the manifest's ``source`` and ``region`` columns). By
-        default every one the data has (some image with a non-empty value); ``()`` for none.
+    by : sequence of {"source", "region", "projection"}, optional
+        Groupings to break the figures down by (the manifest's ``source``, ``region`` and ``projection``
+        columns, or a DICOM header's; :data:`SUBGROUPS`). By default every one the data has (some image with
+        a non-empty value); ``()`` for none.
     n_boot, seed : int
         Replicates and seed of the group-bootstrap intervals (seeded: the same data gives the same intervals).
 
@@ -351,7 +353,7 @@ def evaluate(model, features_or_source, *, split=None, version="latest", by=None
           ``sensitivity``, ``specificity``, ``balanced_accuracy`` and ``brier``, ``{"low", "high"}`` each
           (None where the figure is undefined);
         - ``reliability``: :func:`reliability_curve` of the split, as lists;
-        - ``subgroups``: ``{"source": {value: metrics}, "region": {value: metrics}}`` for the groupings of
+        - ``subgroups``: ``{"source": {value: metrics}, "region": {...}, "projection": {...}}`` for the groupings of
           ``by``, each with the keys above and ``intervals`` ("" is the value of images without one;
           a source's entry has its own ``reliability`` when there are several sources). A subgroup of
           one class has None for the figures that need both, and its counts.
@@ -474,7 +476,7 @@ def metrics_by_split(rows: Predictions, by=None, *, n_boot: int = 1000, seed: in
 
 
 # The groupings evaluate can break its figures down by: Predictions columns, from the source's columns.
-SUBGROUPS = ("source", "region")
+SUBGROUPS = ROW_METADATA
 
 
 def subgroup_keys(rows: Predictions, by=None) -> tuple:

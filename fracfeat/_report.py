@@ -292,7 +292,7 @@ def with_interval(metrics: dict, key: str, interval: bool = True) -> str:
 
 
 def _subgroup_table(key: str, values: dict) -> str:
-    """The per-``key`` table (per source, per region) of the shown split's subgroups."""
+    """The per-``key`` table (per source, per region, per projection) of the shown split's subgroups."""
     head = f"<tr><th>{_esc(key)}</th>" + "".join(f"<th>{_esc(h)}</th>" for h, _, _ in SUBGROUP_COLUMNS) + "</tr>"
     rows = "".join(
         f"<tr><td>{_esc(value or '(not given)')}</td>"
@@ -388,8 +388,8 @@ def write_report(
     sources : sequence of str, optional
         The source of each image: the reliability diagram draws a curve per source when there are several.
     subgroups : dict, optional
-        ``{"source": {value: metrics}, "region": {...}}`` (an :func:`fracfeat.evaluate` split's ``subgroups``):
-        a table per grouping, with the intervals.
+        ``{"source": {value: metrics}, "region": {...}, "projection": {...}}`` (an :func:`fracfeat.evaluate`
+        split's ``subgroups``): a table per grouping, with the intervals.
     heatmaps : ({index into paths: map}, method), optional
         Heatmaps (:func:`sample_heatmaps`) the sample grid shows beside the radiographs.
 
@@ -560,8 +560,8 @@ def report(model, features_or_source, out_dir, *, version="latest", study=None, 
     n_samples : int
         Radiographs in the sample grid.
     by, n_boot
-        As for :func:`fracfeat.evaluate`: the groupings of the per-source and per-region tables, and the
-        bootstrap replicates of their intervals.
+        As for :func:`fracfeat.evaluate`: the groupings of the per-source, per-region and per-projection
+        tables, and the bootstrap replicates of their intervals.
     heatmaps : bool
         Show each radiograph of the sample grid beside its heatmap (:func:`fracfeat.explain`; occlusion,
         the fallback, costs 49 forward passes an image). Left out when the maps cannot be made.

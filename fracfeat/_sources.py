@@ -16,8 +16,8 @@ Every source becomes a list of :class:`ImageRecord` in a deterministic order. Ev
 becomes a record, a record that fails (DICOM without pydicom installed), or one logged line of skipped
 files. DICOM files (``.dcm``, or any file without an image suffix that opens with the ``DICM``
 preamble) are records like images; their header fills what the source leaves empty: ``group`` (a
-salted hash of PatientID), ``source`` (InstitutionName, else Manufacturer) and ``region``
-(BodyPartExamined). docs/dicom.md says what is read and what is kept.
+salted hash of PatientID), ``source`` (InstitutionName, else Manufacturer), ``region``
+(BodyPartExamined) and ``projection`` (ViewPosition). docs/dicom.md says what is read and what is kept.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ._dicom import DICOM_MAGIC_AT, DICOM_SUFFIXES, DICOMDIR_NAME, dicomdir_paths, has_dicom_magic, header_fields
-from ._errors import MissingDependencyError, SourceError
+from ._errors import ConfigError, MissingDependencyError, SourceError
+from ._views import check_view
 
 # Suffixes of the formats Pillow reads (tests/test_sources.py checks each against Pillow's registry); a
 # GIF gives its first frame.
@@ -67,8 +68,18 @@ _PATH_COLUMNS = ("path", "filepath", "file_path", "image_path", "image", "filena
 _LABEL_COLUMNS = ("label", "class", "class_name", "target", "fractured")
 _SPLIT_COLUMNS = ("split", "subset", "fold_split")
 _GROUP_COLUMNS = ("group", "group_id", "patient", "patient_id")
-_SOURCE_COLUMNS = ("source", "site", "hospital", "institution")
-_REGION_COLUMNS = ("region", "body_part", "bodypart")
+# What a source may say of each image beyond its label, split and group: the ImageRecord field of each, in the
+# order their store row datasets (the name + "s": "sources", ...) were added. Everything downstream (the store,
+# FeatureSet, evaluate's subgroups) reads this tuple: a new field is a name here and its CSV columns below.
+ROW_METADATA = ("source", "region", "projection")
+# The CSV columns each is read from, the first present wins. FracAtlas's ``view`` column holds projections
+# (frontal, lateral, oblique); it is never fracfeat's augmented ``view=`` setting, and a cell that names one
+# (hflip, rot+10...) is refused.
+_METADATA_COLUMNS = {
+    "source": ("source", "site", "hospital", "institution"),
+    "region": ("region", "body_part", "bodypart"),
+    "projection": ("projection", "view_position", "viewposition", "view"),
+}
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,9 @@ class ImageRecord:
     """One image as the source describes it (before its bytes are read).
 
     ``source`` names where it comes from (a hospital, a dataset: a CSV ``source`` column or the key of a
-    mapping of sources), ``region`` the body region (a CSV ``region`` column); "" when unknown.
+    mapping of sources), ``region`` the body region (a CSV ``region`` column), ``projection`` the
+    radiographic projection (AP, PA, LAT...: a CSV ``projection`` or ``view`` column, DICOM ViewPosition);
+    "" when unknown. :data:`ROW_METADATA` names these fields.
     ``failure`` is set when the file is known to be unusable before it is read (DICOM without pydicom):
     it becomes a failure row of the version with that reason.
     """
@@ -89,6 +102,7 @@ class ImageRecord:
     source: str = ""
     region: str = ""
     failure: str = ""
+    projection: str = ""
 
 
 def normalize_class_name(name: str) -> str:
@@ -144,16 +158,17 @@ def is_dicom_file(path: Path) -> bool:
     return has_dicom_magic(head)
 
 
-def _record(path, label=UNLABELED, class_name="", split="", group="", source="", region="") -> ImageRecord:
-    """A record of ``path``; a DICOM file's header fills the group, source and region the source left empty."""
+def _record(path, label=UNLABELED, class_name="", split="", group="", **metadata) -> ImageRecord:
+    """A record of ``path`` (``metadata``: :data:`ROW_METADATA` values); a DICOM file's header fills the group
+    and metadata the source left empty."""
     if not is_dicom_file(Path(path)):
-        return ImageRecord(str(path), label, class_name, split, group, source, region)
+        return ImageRecord(str(path), label, class_name, split, group, **metadata)
     try:
         header = header_fields(str(path))
     except MissingDependencyError:
-        return ImageRecord(str(path), label, class_name, split, group, source, region, failure=DICOM_REASON)
-    return ImageRecord(str(path), label, class_name, split, group or header.get("group", ""),
-                       source or header.get("source", ""), region or header.get("region", ""))
+        return ImageRecord(str(path), label, class_name, split, group, **metadata, failure=DICOM_REASON)
+    filled = {name: metadata.get(name) or header.get(name, "") for name in ROW_METADATA}
+    return ImageRecord(str(path), label, class_name, split, group or header.get("group", ""), **filled)
 
 
 class _Skipped:
@@ -293,7 +308,7 @@ def path_cell(csv_path: Path, lineno: int, written: str, stripped: str) -> str:
 
 
 def records_from_csv(csv_path: Path, class_map=None) -> list[ImageRecord]:
-    """Records of a CSV manifest: a path column, optional label, split, group, source and region columns.
+    """Records of a CSV manifest: a path column, optional label, split, group, source, region and projection columns.
 
     An exact duplicate row (every cell the same as an earlier row's) is dropped with a warning giving
     their count and lines: kept, it would count one image twice in every fold and metric.
@@ -326,7 +341,7 @@ def _csv_columns(csv_path: Path, fields: Sequence[str]) -> dict:
         )
     return {"path": path_col, "label": _pick_column(fields, _LABEL_COLUMNS),
             "split": _pick_column(fields, _SPLIT_COLUMNS), "group": _pick_column(fields, _GROUP_COLUMNS),
-            "source": _pick_column(fields, _SOURCE_COLUMNS), "region": _pick_column(fields, _REGION_COLUMNS)}
+            **{name: _pick_column(fields, _METADATA_COLUMNS[name]) for name in ROW_METADATA}}
 
 
 def _csv_record(csv_path: Path, lineno: int, row: dict, columns: dict, class_map) -> ImageRecord:
@@ -344,7 +359,18 @@ def _csv_record(csv_path: Path, lineno: int, row: dict, columns: dict, class_map
     except SourceError as e:
         raise SourceError(f"{csv_path}, line {lineno}: {e}") from None
     split = _SPLIT_NAMES.get(cell("split").lower(), cell("split"))
-    return _record(p, label, name, split, cell("group"), source=cell("source"), region=cell("region"))
+    if columns["projection"] == "view" and _is_view_name(cell("projection")):
+        raise SourceError(f"{csv_path}, line {lineno}: column 'view' holds {cell('projection')!r}, an augmented view "
+                          f"name, not a projection: rename the column (a 'view' column is read as the projection)")
+    return _record(p, label, name, split, cell("group"), **{k: cell(k) for k in ROW_METADATA})
+
+
+def _is_view_name(text: str) -> bool:
+    """Whether ``text`` names one of fracfeat's augmented views (hflip, rot+10, crop0.8)."""
+    try:
+        return check_view(text) != ""
+    except ConfigError:
+        return False
 
 
 def records_from_paths(

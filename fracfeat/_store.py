@@ -42,7 +42,7 @@ import numpy as np
 from ._config import options_text
 from ._errors import ConfigError, StoreError
 from ._faults import pause_point, write_fault
-from ._featureset import FeatureSet, classes_from_rows, join_features
+from ._featureset import METADATA_ATTRS, FeatureSet, classes_from_rows, join_features
 from ._version import __version__
 
 log = logging.getLogger("fracfeat")
@@ -52,8 +52,9 @@ FORMAT_VERSION = 2  # 2: attributes and checkpoints under checksums too; 1 (frac
 MARKER = "fracfeat-store.json"
 _LAYOUT = frozenset({"versions", "tmp", "checkpoints", ".lock", MARKER})
 _ROW_DATASETS = ("ids", "paths", "labels", "class_names", "splits", "groups", "truncated")
-# Row datasets that versions written by fracfeat 0.3 and earlier lack (each row's source and body region): read as "".
-_OPTIONAL_ROW_DATASETS = ("sources", "regions")
+# Row datasets of each record's metadata (source, body region, projection), which versions written before
+# each existed lack (sources, regions: fracfeat 0.3 and earlier; projections: 0.4): read as "".
+_OPTIONAL_ROW_DATASETS = METADATA_ATTRS
 
 
 def _str_dtype():
@@ -101,17 +102,19 @@ def dataset_sha256(ds) -> str:
     return h.hexdigest()
 
 
-def records_sha256(ids, paths, labels, class_names, splits, groups, sources=None, regions=None) -> str:
+def records_sha256(ids, paths, labels, class_names, splits, groups, *metadata) -> str:
     """Hash of the row table (not the features): equal tables mean an identical version.
 
-    ``sources`` and ``regions`` enter only when one of them is non-empty, so a table without them hashes
-    as it did before they existed (versions written then keep their content hash).
+    ``metadata``: the ``METADATA_ATTRS`` columns (sources, regions, projections; None: all ""). They
+    enter up to the last non-empty one, sources and regions always together (they came together), so a
+    table hashes as it did before its empty columns existed (versions written then keep their content hash).
     """
     h = hashlib.sha256()
     columns = [ids, paths, labels, class_names, splits, groups]
-    extra = [[""] * len(ids) if c is None else c for c in (sources, regions)]
-    if any(str(v) for c in extra for v in c):
-        columns += extra
+    extra = [[""] * len(ids) if c is None else c for c in (*metadata, *[None] * (2 - len(metadata)))]
+    used = [i for i, c in enumerate(extra) if any(str(v) for v in c)]
+    if used:
+        columns += extra[:max(2, used[-1] + 1)]
     for row in zip(*columns):
         h.update(utf8_safe("\x1f".join(str(v) for v in row)).encode("utf-8"))
         h.update(b"\x1e")

@@ -573,8 +573,8 @@ def _add_evaluate_command(sub, common) -> None:
     p.add_argument("--storage", default=None, metavar="URL", help="Optuna storage of the tuning study (adds its plots)")
     p.add_argument("--study-name", default=None, help="the study's name in --storage")
     p.add_argument("--by", default=None, metavar="KEYS",
-                   help="break the figures down by these manifest columns, comma-separated: source, region "
-                        "(default: each the data has; 'none' for no subgroup tables)")
+                   help="break the figures down by these manifest columns, comma-separated: source, region, "
+                        "projection (default: each the data has; 'none' for no subgroup tables)")
     _json_option(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -671,7 +671,8 @@ def _add_tune_worker_command(sub, common) -> None:
                                    "it was started on. The fit call builds the model, once.")
     p.add_argument("store", metavar="STORE[@VERSION]", help="the feature store version the study tunes on")
     p.add_argument("--storage", required=True, metavar="URL", help="the study's storage, e.g. postgresql://user@host/db")
-    p.add_argument("--study", required=True, metavar="NAME", help="the study's name")
+    p.add_argument("--study-name", "--study", dest="study", required=True, metavar="NAME",
+                   help="the study's name, as fit's --study-name")
     p.add_argument("--trials", type=int, required=True, metavar="N", help="trials the study holds when done (all workers)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--wait", type=float, default=600.0, metavar="S",

@@ -135,7 +135,7 @@ def dicom_files(tmp_path_factory, fracatlas) -> dict:
     a12 = np.rint(a.astype(np.float64) * 4095 / 255).astype(np.uint16)
     f = {"pixels": a, "images": images}
     f["mono2"] = save(dicom_of(a, patient=SECRET_PATIENT), root / "mono2.dcm")
-    f["mono1"] = save(dicom_of(255 - a, photometric="MONOCHROME1"), root / "mono1.dcm")
+    f["mono1"] = save(dicom_of(255 - a, photometric="MONOCHROME1", ViewPosition="PA"), root / "mono1.dcm")
     f["bits12"] = save(dicom_of(a12, bits=12), root / "bits12.dcm")
     f["window_full"] = save(dicom_of(a12, bits=12, WindowCenter=2048, WindowWidth=4096,
                                      VOILUTFunction="LINEAR_EXACT"), root / "window_full.dcm")
@@ -145,7 +145,7 @@ def dicom_files(tmp_path_factory, fracatlas) -> dict:
     # Rescale: the window is in modality units (HU-like), so it is right only if applied after the rescale.
     f["rescaled"] = save(dicom_of(a12, bits=12, RescaleSlope=0.5, RescaleIntercept=-100, RescaleType="US",
                                   WindowCenter=0.5 * 2048 - 100, WindowWidth=0.5 * 4096,
-                                  VOILUTFunction="LINEAR_EXACT"), root / "rescaled.dcm")
+                                  VOILUTFunction="LINEAR_EXACT", ViewPosition="LL"), root / "rescaled.dcm")
     f["implicit"] = save(dicom_of(a), root / "implicit.dcm", ImplicitVRLittleEndian)
     f["rle"] = save(dicom_of(a), root / "rle.dcm", RLELossless)
     f["j2k"] = save(dicom_of(a12, bits=12), root / "j2k.dcm", JPEG2000Lossless)
@@ -362,12 +362,14 @@ def test_csv_manifest_of_dicom_files_keeps_its_columns_over_the_header(dicom_fil
     manifest = tmp_path / "m.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "group"])
-        w.writerow([dicom_files["mono2"], "fractured", "case-1"])
-        w.writerow([dicom_files["mono1"], "not_fractured", ""])
+        w.writerow(["path", "label", "group", "projection"])
+        w.writerow([dicom_files["mono2"], "fractured", "case-1", ""])
+        w.writerow([dicom_files["mono1"], "not_fractured", "", "lateral"])
+        w.writerow([dicom_files["rescaled"], "not_fractured", "", ""])
     records, _ = load_records(manifest)
-    assert [r.group for r in records] == ["case-1", patient_group("P1")]
-    assert [r.label for r in records] == [1, 0]
+    assert [r.group for r in records] == ["case-1", patient_group("P1"), patient_group("P1")]
+    assert [r.label for r in records] == [1, 0, 0]
+    assert [r.projection for r in records] == ["", "lateral", "LL"]  # the column, else ViewPosition
 
 
 def test_dicomdir_source_lists_its_images():
@@ -405,7 +407,7 @@ def _cosine(a, b) -> float:
 
 
 def test_features_of_twins_agree_and_the_store_holds_no_patient_id(dicom_files, vgg16_weights, tmp_path):
-    from fracfeat import extract
+    from fracfeat import FeatureStore, extract
 
     cases = ["mono2", "mono1", "bits12", "rescaled", "jpeg"]
     store = tmp_path / "store"
@@ -416,6 +418,8 @@ def test_features_of_twins_agree_and_the_store_holds_no_patient_id(dicom_files, 
     for case in ("mono1", "bits12", "rescaled"):
         assert _cosine(X["mono2"], X[case]) >= 0.999, case
     assert fs.groups[0] == patient_group(SECRET_PATIENT)
+    assert list(fs.projections) == ["", "PA", "", "LL", ""]  # ViewPosition, where the header has one
+    assert list(FeatureStore(store).open().projections) == list(fs.projections)
     for f in store.rglob("*"):
         if f.is_file():
             data = f.read_bytes()

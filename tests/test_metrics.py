@@ -149,8 +149,9 @@ def test_the_cli_warns_when_a_model_ranks_inversely(fitted, flipped, tmp_path, p
 
 def two_source_manifest(folder: Path, fracatlas: Path) -> Path:
     """``folder/two_sources.csv``: 16 real FracAtlas radiographs (none of tiny_features'; their manifest's region
-    and group; the 2 of region hip are all fractured) and 9 HBFMID ones (their groups, no region), labeled,
-    with a ``source`` column. Paths point into the shared folders: no image is copied."""
+    group and view, the projection; the 2 of region hip are all fractured) and 9 HBFMID ones (their groups, no
+    region or projection), labeled, with a ``source`` column. Paths point into the shared folders: no image is
+    copied."""
     rows = [r for r in manifest_rows() if r["use"] == "1"]
     fractured = [r for r in rows if r["label"] == "fractured"][24:]
     normal = [r for r in rows if r["label"] == "not_fractured"][24:]
@@ -162,9 +163,10 @@ def two_source_manifest(folder: Path, fracatlas: Path) -> Path:
     path = folder / "two_sources.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "group", "source", "region"])
-        w.writerows((fracatlas / r["path"], r["label"], r["group"], "fracatlas", r["region"]) for r in picked)
-        w.writerows((HBFMID / r["path"], r["label"], r["group"], "hbfmid", "") for r in others)
+        w.writerow(["path", "label", "group", "source", "region", "view"])
+        w.writerows((fracatlas / r["path"], r["label"], r["group"], "fracatlas", r["region"], r["view"])
+                    for r in picked)
+        w.writerows((HBFMID / r["path"], r["label"], r["group"], "hbfmid", "", "") for r in others)
     return path
 
 
@@ -186,7 +188,7 @@ def _each_figure_lies_in_its_interval(m: dict) -> None:
 def test_per_source_and_per_region_metrics_on_real_images_of_two_sources(fitted, two_sources):
     report = evaluate(fitted, two_sources)
     m = report["all"]
-    assert list(m)[-3:] == list(DETAIL_KEYS) and set(m["subgroups"]) == {"source", "region"}
+    assert list(m)[-3:] == list(DETAIL_KEYS) and set(m["subgroups"]) == {"source", "region", "projection"}
     for key, values in m["subgroups"].items():  # every image is counted once per grouping
         assert sum(v["n"] for v in values.values()) == m["n"] == 25
         assert sum(v["n_positive"] for v in values.values()) == m["n_positive"] == 14
@@ -214,8 +216,17 @@ def test_per_source_and_per_region_metrics_on_real_images_of_two_sources(fitted,
     assert evaluate(fitted, two_sources) == report  # seeded: the same intervals every time
 
 
-def test_by_picks_the_groupings_and_refuses_unknown_ones(fitted, two_sources, tiny_features):
+def test_by_picks_the_groupings_and_refuses_unknown_ones(fitted, two_sources, tiny_features, tmp_path):
     assert set(evaluate(fitted, two_sources, by=("region",), n_boot=50)["all"]["subgroups"]) == {"region"}
+    with open(two_sources, newline="") as f:
+        views = [r["view"] for r in csv.DictReader(f)]
+    (per_projection,) = evaluate(fitted, two_sources, by=("projection",), n_boot=50)["all"]["subgroups"].values()
+    assert {k: v["n"] for k, v in per_projection.items()} == {k: views.count(k) for k in set(views)}
+    from fracfeat import report
+
+    page, _ = report(fitted, two_sources, tmp_path / "report", by=("projection",), n_samples=0, n_boot=50,
+                     heatmaps=False)
+    assert "<h2>Per projection</h2>" in page.read_text() and "id='per-region'" not in page.read_text()
     assert evaluate(fitted, two_sources, by=(), n_boot=50)["all"]["subgroups"] == {}
     assert evaluate(fitted, tiny_features, n_boot=50)["all"]["subgroups"] == {}  # no source, no region
     with pytest.raises(ConfigError, match="by='ward'.*pick among them"):
@@ -273,10 +284,12 @@ def test_the_cli_prints_the_per_subgroup_tables(fitted, two_sources, tmp_path, p
     import subprocess
 
     model = fitted.save(tmp_path / "m.joblib")
-    r = subprocess.run([python, "-m", "fracfeat", "evaluate", str(model), str(two_sources)], env=subprocess_env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([python, "-m", "fracfeat", "evaluate", str(model), str(two_sources),
+                        "--by", "source,region,projection"], env=subprocess_env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
+    assert "per projection, every image (95% group-bootstrap intervals)" in lines
     assert lines[0].split() == ["metric", "all"]
     at = lines.index("per source, every image (95% group-bootstrap intervals)")
     assert lines[at + 1].split() == ["source", "n", "positives", "roc_auc", "sensitivity", "specificity", "brier",

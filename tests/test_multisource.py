@@ -33,11 +33,11 @@ def _manifest(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture()
 def two_sources(tmp_path, fracatlas, real_images):
-    """{"atlas": a CSV manifest with hospital and body_part columns, "web": a class folder}."""
+    """{"atlas": a CSV manifest with hospital, body_part and view columns, "web": a class folder}."""
     rows = [r for r in manifest_rows() if r["use"] == "1"][:8]
     csv_path = _manifest(tmp_path / "atlas.csv", [
         {"path": str(fracatlas / r["path"]), "label": r["label"], "group": r["group"], "hospital": "ignored",
-         "body_part": r["region"]} for r in rows])
+         "body_part": r["region"], "view": r["view"]} for r in rows])  # FracAtlas's view: the projection
     web = tmp_path / "web"
     for label in ("fractured", "not_fractured"):
         (web / label).mkdir(parents=True)
@@ -51,6 +51,7 @@ def test_a_mapping_of_sources_tags_every_record_and_csv_columns_have_aliases(two
     records, description = load_records(sources)
     assert [r.source for r in records] == ["atlas"] * 8 + ["web"] * 4  # the mapping's name wins over a column
     assert [r.region for r in records] == [r["region"] for r in rows] + [""] * 4
+    assert [r.projection for r in records] == [r["view"] for r in rows] + [""] * 4
     assert description.startswith("sources:atlas=csv:") and ";web=folder:" in description
     alone, _ = load_records(sources["atlas"])
     assert {r.source for r in alone} == {"ignored"}  # the hospital column, read as the source
@@ -60,16 +61,33 @@ def test_a_mapping_of_sources_tags_every_record_and_csv_columns_have_aliases(two
         load_records(sources, labels=[1])
 
 
+def test_a_projection_column_wins_over_view_and_a_view_column_of_augmentation_names_is_refused(tmp_path,
+                                                                                                real_images):
+    images = [str(p) for p in real_images["fractured"][:2]]
+    both = _manifest(tmp_path / "both.csv", [{"path": images[0], "view": "frontal", "projection": "PA"},
+                                             {"path": images[1], "view": "lateral", "projection": ""}])
+    assert [r.projection for r in load_records(both)[0]] == ["PA", ""]
+    aliased = _manifest(tmp_path / "vp.csv", [{"path": images[0], "view_position": "LL"}])
+    assert load_records(aliased)[0][0].projection == "LL"
+    augmented = _manifest(tmp_path / "aug.csv", [{"path": images[0], "view": "frontal"},
+                                                 {"path": images[1], "view": "hflip"}])
+    with pytest.raises(SourceError, match=r"aug\.csv, line 3: column 'view' holds 'hflip', an augmented view"):
+        load_records(augmented)
+
+
 def test_sources_and_regions_reach_the_store_and_every_feature_set(tmp_path, two_sources):
     sources, rows = two_sources
     fs = extract(sources, store=tmp_path / "store", **TINY)
     assert list(fs.sources) == ["atlas"] * 8 + ["web"] * 4
     assert list(fs.regions) == [r["region"] for r in rows] + [""] * 4
+    assert list(fs.projections) == [r["view"] for r in rows] + [""] * 4
     with h5py.File(FeatureStore(tmp_path / "store")._version_path(fs.version)) as f:  # plain h5py reads them
         assert [v.decode() for v in f["sources"][:]] == list(fs.sources)
+        assert [v.decode() for v in f["projections"][:]] == list(fs.projections)
     picked = fs.labeled().subset(np.array([0, 9, 10]))
     assert list(picked.sources) == ["atlas", "web", "web"] and picked.regions[0] == rows[0]["region"]
-    assert list(join_features(fs, fs).sources) == list(fs.sources)
+    assert list(picked.projections) == [rows[0]["view"], "", ""]
+    assert list(join_features(fs, fs).projections) == list(fs.projections)
     # A source change is a change of the rows: a new version, not "nothing changed".
     renamed = extract({"other": sources["atlas"], "web": sources["web"]}, store=tmp_path / "store", **TINY)
     assert renamed.version != fs.version and renamed.provenance["new_version"]
@@ -87,6 +105,16 @@ def test_rows_without_sources_hash_as_before_so_old_versions_stay_unchanged(tmp_
     assert records_sha256(ids, paths, labels, names, splits, groups) == old.hexdigest()
     assert records_sha256(ids, paths, labels, names, splits, groups, ["", ""], ["", ""]) == old.hexdigest()
     assert records_sha256(ids, paths, labels, names, splits, groups, ["a", ""], ["", ""]) != old.hexdigest()
+    assert records_sha256(ids, paths, labels, names, splits, groups, [""] * 2, [""] * 2, [""] * 2) == old.hexdigest()
+    with_source = hashlib.sha256()  # the formula of fracfeat 0.4: sources and regions after the 0.3 columns
+    for row in zip(ids, paths, labels, names, splits, groups, ["a", ""], ["", "hip"]):
+        with_source.update("\x1f".join(str(v) for v in row).encode("utf-8"))
+        with_source.update(b"\x1e")
+    assert records_sha256(ids, paths, labels, names, splits, groups, ["a", ""], ["", "hip"]) == with_source.hexdigest()
+    assert records_sha256(ids, paths, labels, names, splits, groups, ["a", ""], ["", "hip"], ["", ""]) \
+        == with_source.hexdigest()  # an empty projection column leaves 0.4's digest as it was
+    assert len({records_sha256(ids, paths, labels, names, splits, groups, *meta) for meta in (
+        [["a", ""], ["", "hip"], ["PA", ""]], [[""] * 2, [""] * 2, ["PA", ""]], [["PA", ""]])} | {old.hexdigest()}) == 4
     # Extracting the same paths again finds the version it wrote: nothing changed.
     paths = real_images["fractured"][:2] + real_images["not_fractured"][:2]
     first = extract(paths, labels=[1, 1, 0, 0], store=tmp_path / "s", **TINY)
@@ -101,16 +129,37 @@ def test_a_version_written_before_sources_existed_reads_them_empty_and_keeps_its
     store = FeatureStore(old_store)
     n = store.version_numbers()[0]
     fs = store.open(n)
-    assert set(fs.sources) == set(fs.regions) == {""}
+    assert set(fs.sources) == set(fs.regions) == set(fs.projections) == {""}
     with h5py.File(store._version_path(n)) as f:
-        assert "sources" not in f
+        assert "sources" not in f and "projections" not in f
         table = {k: [v.decode() if isinstance(v, bytes) else v for v in f[k][:].tolist()]
                  for k in ("ids", "paths", "labels", "class_names", "splits", "groups")}
         failures = [{"path": p.decode(), "reason": r.decode()} for p, r in zip(f["failures/paths"][:],
                                                                               f["failures/reasons"][:])]
         stored = f.attrs["content_sha256"]
-    table.update(sources=[""] * len(table["ids"]), regions=[""] * len(table["ids"]))
+    table.update(sources=[""] * len(table["ids"]), regions=[""] * len(table["ids"]),
+                 projections=[""] * len(table["ids"]))
     assert _content_sha256(table, failures) == stored
+
+
+def test_the_0_3_0_store_verifies_and_extracting_its_images_again_reuses_its_version(tmp_path):
+    old_store = REPO / "tests" / "data" / "stores" / "fracfeat-0.3.0"
+    root = tmp_path / "old"
+    shutil.copytree(old_store, root)
+    store = FeatureStore(root)
+    (report,) = store.verify()
+    assert report.ok, report.problems
+    fs = store.open(1)
+    if not all(Path(p).is_file() for p in fs.paths):
+        pytest.skip(f"the FracAtlas images the 0.3.0 store was made from are not at {fs.paths[0]}")
+    manifest = _manifest(tmp_path / "m.csv", [
+        {"path": p, "label": c, "split": s, "group": g} for p, c, s, g in zip(fs.paths, fs.class_names, fs.splits,
+                                                                           fs.groups)]
+        + [{"path": fs.failures[0]["path"], "label": "fractured", "split": "", "group": ""}])
+    again = extract(manifest, store=root, backbone="vgg16", weights=None, image_size=32, progress=False)
+    assert again.version == 1 and not again.provenance["new_version"] and store.version_numbers() == [1]
+    with h5py.File(store._version_path(1)) as f:
+        assert "projections" not in f  # the version was read, not rewritten
 
 
 def test_balance_weights_equal_classes_within_each_value_and_values_alike():
