@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import numpy as np  # noqa: E402
 from fracatlas import FRACATLAS, VGG16_WEIGHTS, write_manifest  # noqa: E402
 
 from fracfeat import ExtractorSettings, FeatureStore, extract, fit  # noqa: E402
+from fracfeat._hardware import describe_machine  # noqa: E402
 
 LOCAL_CHILD = r"""
 import json, os, sys, time
@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
         manifest = work / "images.csv"
         write_manifest(manifest, data_dir=FRACATLAS, limit=args.n)
         result = {"n_images": sum(1 for _ in open(manifest)) - 1, "image_size": args.image_size,
-                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "machine": describe_machine(), "cores": os.cpu_count(),
                   "extraction": extraction(args, manifest, work)}
         result["tuning_trials_per_minute"], fs = tuning(args, work)
         result["tuning"] = {"images": len(fs), "classifier": "logreg", "cv": 3, "trials": args.trials}
@@ -240,6 +240,8 @@ def main(argv=None) -> dict:
 
 
 def print_table(r: dict) -> None:
+    m = r["machine"]
+    print(f"on {m['cpu']} ({m['cpu_count']} cores; {' '.join(m['cpu_flags'])}; GPU: {m['gpu']})")
     print(f"extraction: {r['n_images']} FracAtlas images, VGG16 ImageNet at {r['image_size']} px, {r['cores']} cores")
     print("workers | forward-only img/s | cluster end-to-end img/s | local end-to-end img/s | cluster/local time "
           "| same, local backbone build excluded")

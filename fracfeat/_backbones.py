@@ -5,6 +5,8 @@ Nothing here imports Keras at module import time.
 
 from __future__ import annotations
 
+import difflib
+
 import logging
 import os
 import warnings
@@ -149,8 +151,11 @@ def backbone_spec(name: str) -> BackboneSpec:
         return USER_MODEL
     if key not in BACKBONES:
         hint = " (a .keras file is given as backbone='keras', weights=<the file>)" if key.endswith(".keras") else ""
-        raise ConfigError(f"unknown backbone {name!r}{hint}: choose one of {', '.join(BACKBONES)}, or 'keras' for "
-                          f"your own model (weights='<file>.keras', feature_layer=, preprocessing=)")
+        close = difflib.get_close_matches(key, BACKBONES, n=3, cutoff=0.6)
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown backbone {name!r}{hint}: {guess}`fracfeat backbones` lists the {len(BACKBONES)} "
+                          f"there are (vgg16, resnet50, efficientnetb2, densenet121, ...), or 'keras' for your own "
+                          f"model (weights='<file>.keras', feature_layer=, preprocessing=)")
     return BACKBONES[key]
 
 

@@ -9,6 +9,7 @@ Inert in normal use: :func:`pause_point` returns at once unless the environment 
 and SIGKILL the child once the file appears (or delete the file: the run then goes on). The points, in the order a run meets them:
 
 - ``batch``: a batch of features computed, not yet checkpointed (decoding and computing);
+- ``worker_chunk``: a Dask worker inside a chunk of images (tests/test_distributed.py kills it there);
 - ``checkpoint``: a checkpoint file half written in ``tmp/``;
 - ``version``: the new version file half written in ``tmp/`` (some feature rows in);
 - ``commit``: the version file complete in ``tmp/``, not yet renamed into ``versions/``;

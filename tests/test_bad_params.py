@@ -21,7 +21,7 @@ def one_image(real_images) -> list[str]:
 @pytest.mark.parametrize(
     "params, error, message",
     [
-        (dict(backbone="vgg19"), ConfigError, r"unknown backbone 'vgg19': choose one of vgg16, resnet50, efficientnetb2"),
+        (dict(backbone="vgg61"), ConfigError, r"unknown backbone 'vgg61': did you mean vgg19 or vgg16\? `fracfeat backbones` lists"),
         (dict(image_size=16), ConfigError, r"image_size=16 is below vgg16's minimum of 32 pixels.*pass image_size >= 32"),
         (dict(image_size=32.5), ConfigError, r"image_size must be an integer number of pixels, not 32.5"),
         (dict(image_size="big"), ConfigError, r"image_size must be an integer number of pixels, not 'big'"),
@@ -46,7 +46,7 @@ def test_bad_settings_do_not_import_keras(tmp_path, one_image, python, subproces
     import subprocess
 
     code = ("import sys, fracfeat\n"
-            "try:\n    fracfeat.extract(sys.argv[1:], backbone='vgg19', store=sys.argv[1] + '.store')\n"
+            "try:\n    fracfeat.extract(sys.argv[1:], backbone='vgg61', store=sys.argv[1] + '.store')\n"
             "except fracfeat.ConfigError:\n    pass\n"
             "print('keras' in sys.modules, 'tensorflow' in sys.modules)")
     out = subprocess.run([python, "-c", code, *one_image], env=subprocess_env, capture_output=True, text=True, timeout=120)
