@@ -59,6 +59,13 @@ class FeatureBatch:
     truncated: list[int] = field(default_factory=list)
 
 
+def tile_origins(size: int, tiles: int) -> list[tuple[int, int]]:
+    """(top, left) of each of ``tiles`` x ``tiles`` tiles of ``size`` px overlapping by half, in the row-major
+    order :meth:`FeatureEngine.forward` cuts and pools them in (heatmaps place each tile's map there)."""
+    stride = size // 2
+    return [(i * stride, j * stride) for i in range(tiles) for j in range(tiles)]
+
+
 class FeatureEngine:
     """A lazily built feature model plus the decode pipeline feeding it."""
 
@@ -100,9 +107,9 @@ class FeatureEngine:
         """Features of already decoded uint8 images, shape (n, d, d, 3) with d = ``config.decode_size``."""
         c = self.config
         if c.tiles > 1:
-            s, n, stride = c.image_size, c.tiles, c.image_size // 2
-            tiles = np.stack([batch[:, i * stride:i * stride + s, j * stride:j * stride + s]
-                              for i in range(n) for j in range(n)], axis=1)  # (b, n*n, s, s, 3)
+            s, n = c.image_size, c.tiles
+            tiles = np.stack([batch[:, top:top + s, left:left + s] for top, left in tile_origins(s, n)],
+                             axis=1)  # (b, n*n, s, s, 3)
             feats = self._run(self.runner, tiles.reshape(-1, s, s, 3)).reshape(len(batch), n * n, -1)
             return np.concatenate([feats.mean(axis=1), feats.max(axis=1)], axis=1)
         if c.scales:

@@ -15,12 +15,18 @@ P(fracture) up, negative where it pulled it down. Which method a model gets (:fu
   proportion to the activation: ``sum_k phi_k A_k / mean(A_k)``, whose mean is the margin minus the bias.
 - ``"occlusion"`` (Zeiler and Fergus, 2014), model-agnostic: the drop in log-odds when a patch is
   painted the image's mean colour, averaged over the overlapping patches that cover each pixel. Every
-  model that is not one of the above gets it: tiles (their max pooling), ``pooling="max"`` or ``"none"``,
-  augmented views, an isotonic recalibration, any other classifier.
+  model that is not one of the above gets it: ``pooling="max"`` or ``"none"``, augmented views, an
+  isotonic recalibration, any other classifier.
 
 Features split back to the maps they came from: multi-layer (``layers=``: each tapped layer's map,
-upsampled to the image and summed), multi-scale (``scales=``: one backbone per input size) and joined
-features (each part's backbone) are exact too when every part is average-pooled and untiled.
+upsampled to the image and summed), multi-scale (``scales=``: one backbone per input size), joined
+features (each part's backbone) and tiles (``tiles=``) are exact too when every part is average-pooled.
+Tiled features are [mean over tiles, max over tiles] of each tile's pooled maps: each tile's map goes
+back to the tile's place on the tiled square (overlaps add; times the square's area over the tile's, so
+the mean stays the tiles' sum). The mean half's weights go to every tile over the number of tiles; the
+max half's weight of a channel goes to the tile holding that channel's max (the subgradient: exact to
+first order, where one tile holds the max). The map's mean is still exactly the features' share of the
+log-odds (the max is that tile's value); only where the max half's weight sits is first order.
 
 The maps come from a float32 Keras model over the same backbone, weights (verified) and pixels as the
 feature step; with ``crop="content"`` the map covers the content box and is 0 outside it.
@@ -36,6 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._config import tile_canvas
+from ._engine import tile_origins
 from ._errors import ConfigError, UnreadableImagesError
 from ._images import PixelRecipe, content_box, load_image, pixels_from_array
 from ._metrics import split_feature_step
@@ -91,8 +99,8 @@ def _parts(deep) -> list:
 def _plan(deep, head) -> _Head:
     for part in _parts(deep):
         c = part.config_
-        ruled_out = ("tiles" if c.tiles > 1 else f"pooling={c.pooling!r}" if c.pooling != "avg"
-                     else f"view={c.view!r}" if c.view else "")
+        # Tiles split back (exact_maps); max or no pooling and views do not.
+        ruled_out = f"pooling={c.pooling!r}" if c.pooling != "avg" else f"view={c.view!r}" if c.view else ""
         if ruled_out:
             return _Head("occlusion", f"{ruled_out}: its features are not means of convolution maps")
     return head_plan(head)
@@ -289,40 +297,89 @@ def _units(part) -> list:
 
 
 def _part_maps(part, units, items) -> list:
-    """Per unit, the list of (n, h, w, k) float32 maps (taps, then final) of the part's own pixels."""
+    """Per unit, the list of (n, t, h, w, k) float32 maps (taps, then final) of the part's own pixels:
+    t = 1 untiled, else one map per tile (cut from the decoded square as the engine cuts them)."""
     engine = part.engine()
+    c = part.config_
     arrays = isinstance(items[0], np.ndarray)
     decoded = (engine.iter_decoded_arrays(items) if arrays
                else engine.iter_decoded([os.fspath(p) for p in items], workers=part.workers))
     pixels = np.stack([d.pixels for _, d in decoded])
     out = []
     for size, model in units:
-        batch = pixels if size == pixels.shape[1] else np.stack([pixels_from_array(im, size) for im in pixels])
+        if c.tiles > 1:
+            batch = np.stack([pixels[:, y:y + size, x:x + size] for y, x in tile_origins(size, c.tiles)], axis=1)
+            batch = batch.reshape(-1, size, size, 3)  # image-major: image 0's tiles, then image 1's...
+        else:
+            batch = pixels if size == pixels.shape[1] else np.stack([pixels_from_array(im, size) for im in pixels])
         chunks = [model(batch[lo:lo + _CHUNK], training=False) for lo in range(0, len(batch), _CHUNK)]
-        chunks = [c if isinstance(c, (list, tuple)) else [c] for c in chunks]
+        chunks = [ch if isinstance(ch, (list, tuple)) else [ch] for ch in chunks]
         if any(len(np.shape(m)) != 4 for m in chunks[0]):
-            raise NoMaps(f"{part.config_.backbone} gives no convolution map at its feature layer")
-        out.append([np.concatenate([np.asarray(c[k], np.float32) for c in chunks]) for k in range(len(chunks[0]))])
+            raise NoMaps(f"{c.backbone} gives no convolution map at its feature layer")
+        maps = [np.concatenate([np.asarray(ch[k], np.float32) for ch in chunks]) for k in range(len(chunks[0]))]
+        out.append([m.reshape(len(pixels), -1, *m.shape[1:]) for m in maps])
+    return out
+
+
+def _unit_features(pooled: np.ndarray) -> np.ndarray:
+    """A unit's feature rows from its pooled maps per tile (n, t, d): as they are untiled (t = 1), else
+    [mean over tiles, max over tiles] as the engine combines them."""
+    if pooled.shape[1] == 1:
+        return pooled[:, 0]
+    return np.concatenate([pooled.mean(axis=1), pooled.max(axis=1)], axis=1)
+
+
+def _tile_weights(pooled: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """(n, t, d) weight of each tile's pooled map, from the weights ``g`` of the unit's features.
+
+    The mean over tiles is linear: its weight goes to every tile, over t. The max over tiles goes to
+    the tile holding the max of each channel, the subgradient: exact to first order (where one tile
+    holds the max), and ``sum_t w_t pooled_t`` is still exactly ``g . features``.
+    """
+    n, t, d = pooled.shape
+    if t == 1:
+        return g[:, None, :]
+    w = np.repeat(g[:, None, :d] / t, t, axis=1)
+    rows, channels = np.arange(n)[:, None], np.arange(d)[None, :]
+    w[rows, pooled.argmax(axis=1), channels] += g[:, d:]
+    return w
+
+
+def _tiled_squares(cams: np.ndarray, size: int, tiles: int) -> np.ndarray:
+    """(n, D, D) maps over the tiled square from each tile's map (n, t, h, w): each resized to its tile,
+    put at the tile's place, overlaps added, times (D / size)^2, so the square's mean is the sum of the
+    tiles' means (as each tile's map's mean is its share of the log-odds)."""
+    side = tile_canvas(size, tiles)
+    out = np.zeros((len(cams), side, side), np.float32)
+    area = (side / size) ** 2
+    for k, (y, x) in enumerate(tile_origins(size, tiles)):
+        for i in range(len(cams)):
+            out[i, y:y + size, x:x + size] += resized_map(cams[i, k], size, size) * area
     return out
 
 
 def exact_maps(deep, plan: _Head, items, images: list) -> list[np.ndarray]:
     """The exact maps (cam, gradient, contributions) of readable ``items`` on their ``images``."""
     parts = _parts(deep)
-    all_maps = [_part_maps(part, _units(part), items) for part in parts]
-    # The features, as the feature step concatenates them: parts, then scales, then taps before final.
-    F = np.concatenate([m.mean(axis=(1, 2)) for part in all_maps for unit in part for m in unit], axis=1)
+    units = [(part, unit) for part in parts for unit in _part_maps(part, _units(part), items)]
+    # Pooled maps per tile (n, t, d), taps before final; the features concatenate parts, then scales.
+    pooled = [np.concatenate([m.mean(axis=(2, 3)) for m in unit], axis=-1) for _, unit in units]
+    F = np.concatenate([_unit_features(p) for p in pooled], axis=1)
     G = channel_weights(plan, F).astype(np.float32)
     out = [np.zeros(im.size, np.float32) for im in images]
     offset = 0
-    for part, part_maps in zip(parts, all_maps):
-        for unit in part_maps:
-            for m in unit:
-                k = m.shape[-1]
-                cam = np.einsum("nhwk,nk->nhw", m, G[:, offset:offset + k])
-                offset += k
-                for i, image in enumerate(images):
-                    out[i] += _placed(cam[i], image, part.config_.crop)
+    for (part, unit), p in zip(units, pooled):
+        width = p.shape[-1] * (1 if p.shape[1] == 1 else 2)
+        weights, offset = _tile_weights(p, G[:, offset:offset + width]), offset + width
+        first = 0
+        for m in unit:
+            k = m.shape[-1]
+            cams = np.einsum("nthwk,ntk->nthw", m, weights[..., first:first + k])
+            first += k
+            c = part.config_
+            squares = cams[:, 0] if c.tiles == 1 else _tiled_squares(cams, c.image_size, c.tiles)
+            for i, image in enumerate(images):
+                out[i] += _placed(squares[i], image, c.crop)
     return out
 
 
