@@ -391,9 +391,10 @@ def fit(
         A named preset (:func:`fracfeat.presets`): its tuning settings fill every one this call does not
         pass (keywords given win), and ``features`` must have been extracted with its extractor settings
         (ConfigError naming the setting that differs otherwise).
-    classifier : {"logreg", "svm", "xgboost", "auto"}
-        "auto" searches the three families in one study; above ``SVM_MAX_ROWS`` (20,000) training rows it
-        leaves the kernel SVM out (its fit time grows about as rows^2; docs/scale.md), and "svm" warns there.
+    classifier : {"logreg", "svm", "xgboost", "mlp", "auto"}
+        "mlp" is a dense head (scikit-learn's MLPClassifier). "auto" searches every family in one study;
+        above ``SVM_MAX_ROWS`` (20,000) training rows it leaves the kernel SVM out (its fit time grows about
+        as rows^2; docs/scale.md), and "svm" warns there.
     n_trials : int
         Trials the study should hold when this call ends (complete + pruned). Resuming a stored
         study with the same ``n_trials`` runs only the trials still missing.
