@@ -474,7 +474,6 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    check_output_folder(args.out, "--out")
     model = load_model(args.model)
     method, why = explain_method(model) if args.method == "auto" else (args.method, "")
     try:
@@ -751,6 +750,7 @@ def _one_line(message) -> str:
 
 # The option naming what each command writes, and whether it is a file or a folder.
 OUTPUT_OPTIONS = {"fit": ("out", "file"), "adapt": ("out", "file"), "recalibrate": ("out", "file"),
+                  "explain": ("out", "folder"),
                   "run": ("out", "folder"), "evaluate": ("report", "folder")}
 
 

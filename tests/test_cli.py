@@ -372,6 +372,9 @@ def test_output_locations_are_checked_before_any_work(python, subprocess_env, ti
                           *ENDLESS, timeout=120), "a_file", "is a file", "--out")
     assert_user_error(run(python, subprocess_env, "evaluate", tiny_model, store, "--report", tmp_path / "a_file"),
                       "a_file", "is a file", "--report")
+    image = next((class_folder / "fractured").iterdir())
+    assert_user_error(run(python, subprocess_env, "explain", tiny_model, image, "--out", tmp_path / "a_file"),
+                      "a_file", "is a file", "--out")
     assert temporary_files(tmp_path) == [] and (tmp_path / "a_file").read_text() == "not a folder"
 
 
