@@ -6,7 +6,10 @@ Inert in normal use: :func:`pause_point` returns at once unless the environment 
     FRACFEAT_PAUSE_AT=<point>:<n>      # hold at the n-th arrival (1-based) at <point>
     FRACFEAT_PAUSE_FILE=/some/path     # created when the run is held there
 
-and SIGKILL the child once the file appears (or delete the file: the run then goes on). The points, in the order a run meets them:
+and SIGKILL the child once the file appears (or delete the file: the run then goes on). The file appears
+whole (written under another name, then renamed), so a watcher that sees it can read the held pid. A
+run is held at most ``FRACFEAT_PAUSE_MAX_S`` seconds (default 600), then goes on and says so on stderr:
+a test whose watcher never comes fails instead of hanging. The points, in the order a run meets them:
 
 - ``batch``: a batch of features computed, not yet checkpointed (decoding and computing);
 - ``worker_chunk``: a Dask worker inside a chunk of images (tests/test_distributed.py kills it there);
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import time
 
 _arrivals: dict[str, int] = {}
@@ -46,9 +50,18 @@ def _arrived(spec: str | None, name: str, counts: dict) -> bool:
 def pause_point(name: str) -> None:
     if not _arrived(os.environ.get("FRACFEAT_PAUSE_AT"), name, _arrivals):
         return
-    with open(os.environ["FRACFEAT_PAUSE_FILE"], "w") as f:
+    path = os.environ["FRACFEAT_PAUSE_FILE"]
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
         f.write(f"{name}:{_arrivals[name]} pid={os.getpid()}\n")
-    while os.path.exists(os.environ["FRACFEAT_PAUSE_FILE"]):  # until killed, or released by deleting the file
+    os.replace(f.name, path)  # whole or absent: a watcher never reads a half-written file
+    deadline = time.monotonic() + float(os.environ.get("FRACFEAT_PAUSE_MAX_S", 600))
+    while os.path.exists(path):  # until killed, or released by deleting the file
+        if time.monotonic() > deadline:
+            print(f"fracfeat: held at {name} for FRACFEAT_PAUSE_MAX_S without being killed or released; going on",
+                  file=sys.stderr)
+            if os.path.exists(path):
+                os.remove(path)
+            return
         time.sleep(0.05)
 
 

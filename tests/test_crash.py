@@ -7,6 +7,7 @@ imports overlap), which keeps the whole module well under CI's 3-minute budget f
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -109,3 +110,47 @@ def test_pause_hook_is_inert_unless_its_point_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("FRACFEAT_PAUSE_FILE", str(tmp_path / "held"))
     pause_point("batch")  # another point: returns at once, creates nothing
     assert not (tmp_path / "held").exists()
+
+
+def test_a_watcher_that_sees_the_pause_file_reads_the_held_pid(tmp_path, monkeypatch):
+    """The file appears whole: a watcher polling for it (as tests/test_distributed.py's killer does) never reads
+    it empty. Written in place, a tight poll read it empty in 53 of 300 holds."""
+    import threading
+
+    from fracfeat import _faults
+
+    held = tmp_path / "held"
+    monkeypatch.setenv("FRACFEAT_PAUSE_AT", "batch:1")
+    monkeypatch.setenv("FRACFEAT_PAUSE_FILE", str(held))
+    seen = []
+    for _ in range(60):
+        _faults.reset()
+        holder = threading.Thread(target=_faults.pause_point, args=("batch",))
+        holder.start()
+        while not held.exists():
+            pass
+        seen.append(held.read_text())
+        held.unlink()  # releases the hold
+        holder.join(10)
+    _faults.reset()
+    assert all(f"pid={os.getpid()}" in text for text in seen), [t for t in seen if "pid=" not in t][:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_a_hold_nobody_ends_goes_on_after_its_limit(tmp_path, monkeypatch, capfd):
+    """A watcher that never comes (it gave up, or crashed) must not hang the run for ever: after
+    FRACFEAT_PAUSE_MAX_S the run goes on, removes the file and says so."""
+    import time
+
+    from fracfeat import _faults
+
+    monkeypatch.setenv("FRACFEAT_PAUSE_AT", "batch:1")
+    monkeypatch.setenv("FRACFEAT_PAUSE_FILE", str(tmp_path / "held"))
+    monkeypatch.setenv("FRACFEAT_PAUSE_MAX_S", "0.3")
+    _faults.reset()
+    started = time.monotonic()
+    _faults.pause_point("batch")
+    _faults.reset()
+    assert 0.3 <= time.monotonic() - started < 5
+    assert not (tmp_path / "held").exists()
+    assert "held at batch for FRACFEAT_PAUSE_MAX_S" in capfd.readouterr().err

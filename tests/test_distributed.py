@@ -88,8 +88,9 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(client, images, lo
     victim = sorted(client.nthreads())[0]
     held = tmp_path / "held"
     # exec, a builtin, travels by name (a bound os.environ method would carry a copy of this process's environ).
-    client.run(exec, f"import os; os.environ.update(FRACFEAT_PAUSE_AT='worker_chunk:1', FRACFEAT_PAUSE_FILE={str(held)!r})",
-               workers=[victim])
+    # FRACFEAT_PAUSE_MAX_S: should the killer miss the hold, the worker goes on and the test fails, not hangs.
+    client.run(exec, "import os; os.environ.update(FRACFEAT_PAUSE_AT='worker_chunk:1', FRACFEAT_PAUSE_MAX_S='180', "
+               f"FRACFEAT_PAUSE_FILE={str(held)!r})", workers=[victim])
     killed = []
 
     def kill_when_held():
