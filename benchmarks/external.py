@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fracfeat  # noqa: E402
 from fracfeat import extract, fit  # noqa: E402
+from fracfeat._classifiers import CLASSIFIERS  # noqa: E402
 from fracfeat._hardware import describe_machine  # noqa: E402
 from fracfeat._validation import bootstrap_ci  # noqa: E402
 
@@ -74,6 +75,8 @@ METHODS = {
     "ml34": Method("block3_pool + block4_pool average-pooled (the ml34 presets' extractor)",
                    settings={"layers": ("block3_pool", "block4_pool")}),
     "avg448": Method("448 px average-pooled", settings={"image_size": 448}),
+    "mlp": Method("frozen VGG16 + dense head: baseline features, scikit-learn's MLPClassifier tuned (fit "
+                  "classifier='mlp'), whatever --classifier says", fit={"classifier": "mlp"}),
 }
 DEFAULT_METHODS = "baseline,balance-region,adapt,crop,percentile,clahe"
 
@@ -93,16 +96,25 @@ def missing_option(method: Method) -> str | None:
     for name in method.fit:
         if name not in params:
             return f"fit option {name!r} is not in this fracfeat"
+    if method.fit.get("classifier", "svm") not in CLASSIFIERS:
+        return f"classifier {method.fit['classifier']!r} is not in this fracfeat"
     if method.adapt and not hasattr(fracfeat, "adapt"):
         return "fracfeat.adapt is not in this fracfeat"
     return None
+
+
+def run_settings(args) -> dict:
+    """The run's precision and runtime (under every method's settings): "auto" may choose otherwise on another
+    machine, and the store's rows are reused only under the same ones."""
+    return {"precision": args.precision, "runtime": args.runtime}
 
 
 def features(manifest: Path, args, settings: dict, use_only: bool):
     """(FeatureSet of the manifest's labeled rows, their region parts): extracted into the store or cached."""
     with open(manifest, newline="") as f:
         rows = {str((manifest.parent / r["path"]).resolve()): r for r in csv.DictReader(f)}
-    fs = extract(manifest, store=args.store, weights=args.weights, progress=False, **settings).labeled()
+    fs = extract(manifest, store=args.store, weights=args.weights, progress=False,
+                 **{**run_settings(args), **settings}).labeled()
     meta = [rows[str(Path(p).resolve())] for p in fs.paths]
     keep = np.array([not use_only or r.get("use", "1") == "1" for r in meta])
     regions = np.array([region_part(r.get("region", "")) for r, k in zip(meta, keep) if k])
@@ -116,7 +128,7 @@ def leave_one_source_out(args) -> dict:
     if "sources" not in fracfeat.FeatureSet.__dataclass_fields__:
         return {"skipped": "this fracfeat has no sources"}
     both = {"fracatlas": Path(args.data), "hbfmid": Path(args.external)}
-    fs = extract(both, store=args.store, weights=args.weights, progress=False).labeled()
+    fs = extract(both, store=args.store, weights=args.weights, progress=False, **run_settings(args)).labeled()
     with open(args.data, newline="") as f:
         unused = {str((Path(args.data).parent / r["path"]).resolve()) for r in csv.DictReader(f) if r["use"] != "1"}
     fs = fs.subset(np.flatnonzero([str(Path(p).resolve()) not in unused for p in fs.paths]))
@@ -156,8 +168,8 @@ def trained(fs, method: Method, args, fixed: dict | None = None):
     if fixed is not None:
         tuning = dict(n_trials=1, sampler=optuna.samplers.PartialFixedSampler(
             fixed, optuna.samplers.TPESampler(seed=args.seed)))
-    res = fit(fs, classifier=args.classifier, cv=5, seed=args.seed, threshold="balanced_accuracy",
-              **tuning, **method.fit)
+    res = fit(fs, cv=5, seed=args.seed, threshold="balanced_accuracy", **tuning,
+              **{"classifier": args.classifier, **method.fit})  # a method may name its own classifier
     return res, time.perf_counter() - t0
 
 
@@ -262,6 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=str(SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"))
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of: {', '.join(METHODS)}")
     ap.add_argument("--classifier", default="svm")
+    ap.add_argument("--precision", default="auto", help="extraction precision, e.g. bfloat16 to reuse a store's rows "
+                    "made where auto chose it")
+    ap.add_argument("--runtime", default="auto", help="extraction runtime: auto, keras or openvino")
     ap.add_argument("--trials", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-boot", type=int, default=1000)

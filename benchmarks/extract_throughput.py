@@ -9,9 +9,10 @@ For each backbone, on the same FracAtlas JPEGs, in one run:
 - ``forward``: forward-only on already decoded uint8 batches, for float32 Keras and every other path
   asked for (default: float32 OpenVINO and whatever "auto" picks), to show what decoding and I/O cost;
 - ``decode``: fracfeat's decode pipeline alone (threads, JPEG draft mode);
-- ``roofline``: GFLOP per image of each backbone and this CPU's nominal float32 peak
-  (``roofline.py``), so each forward path also reports the share of that ceiling it reaches and the
-  images/s the ceiling allows at all (on a GPU: the share of its nominal tensor-core peak).
+- ``roofline``: GFLOP per image of each backbone and this CPU's ceilings measured per precision
+  (``roofline.py``: GEMMs on TensorFlow's and OpenVINO's kernels), so each forward path reports the share
+  of the ceiling *of its own precision* it reaches and the images/s that ceiling allows (on a GPU: the
+  share of its nominal tensor-core peak). The CPU model and flags it ran on are printed first.
 
 Medians over repeats, ratios against the baseline. Peak RSS of a whole ``extract`` run is measured in a
 child process per size (``--rss 400,4000``), reading its VmHWM, to show memory stays flat.
@@ -47,7 +48,7 @@ FRACATLAS = SHARED / "data" / "fracatlas"
 VGG16_WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
 
 import numpy as np  # noqa: E402
-from roofline import cpu_peak_gflops, gflop_per_image, gpu_peak_tflops  # noqa: E402
+from roofline import gflop_per_image, gpu_peak_tflops, measured_ceilings  # noqa: E402
 
 
 def image_paths(n: int) -> list[str]:
@@ -167,15 +168,22 @@ def bench_forward(backbone: str, pixels: np.ndarray, path: tuple[str, str], repe
     return out
 
 
-def compute_ceiling() -> tuple[float | None, str | None]:
-    """(GFLOP/s, what it is): a known GPU's nominal tensor-core peak, else this CPU's nominal float32 peak."""
+def compute_ceilings(repeats: int) -> tuple[dict[str, float], str]:
+    """({precision: GFLOP/s}, what they are): a known GPU's nominal tensor-core peak for every precision,
+    else this CPU's GEMM ceilings measured per precision (roofline.measured_ceilings)."""
     from fracfeat._hardware import has_gpu
 
     if has_gpu():
         gpu = gpu_peak_tflops()
-        return (gpu[1] * 1000, f"{gpu[0]} nominal dense bf16/fp16 peak") if gpu else (None, None)
-    peak, how = cpu_peak_gflops()
-    return peak, f"nominal float32 peak ({how})"
+        if not gpu:
+            return {}, ""
+        peak = dict.fromkeys(("float32", "bfloat16", "float16"), gpu[1] * 1000)
+        return peak, f"{gpu[0]} nominal dense bf16/fp16 peak"
+    measured = measured_ceilings(repeats)
+    how = "; ".join(f"{p} {c['gflop_per_s']:.0f} GFLOP/s ({c['library']} GEMM {c['shape']})"
+                    for p, c in measured["ceilings"].items())
+    return ({p: c["gflop_per_s"] for p, c in measured["ceilings"].items()},
+            f"measured GEMM ceilings per precision (load average {' '.join(map(str, measured['load_avg']))}): {how}")
 
 
 def peak_rss_kb() -> int:
@@ -254,11 +262,13 @@ def main(argv=None) -> None:
         "machine": describe_machine(),
         "n_images": args.n, "baseline_n_images": args.baseline_n, "repeats": args.repeats, "backbones": {},
     }
+    machine = result["machine"]
+    print(f"CPU: {machine['cpu']}, {machine['cpu_count']} cores, flags {' '.join(machine['cpu_flags'])}", flush=True)
     print(f"load average {result['load_avg_start']}; {args.n} images, {args.repeats} repeats", flush=True)
-    peak_gflops, peak_name = compute_ceiling() if args.backbones else (None, None)
-    if peak_gflops:
-        result["roofline"] = {"ceiling": peak_name, "gflop_per_s": round(peak_gflops, 1)}
-        print(f"ceiling: {peak_name} {peak_gflops:.0f} GFLOP/s", flush=True)
+    ceilings, ceilings_how = compute_ceilings(args.repeats) if args.backbones else ({}, "")
+    if ceilings:
+        result["roofline"] = {"ceilings": ceilings_how, "gflop_per_s": ceilings}
+        print(f"ceilings: {ceilings_how}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fracfeat-bench-") as tmp:
         work = Path(tmp)
         for backbone in [b for b in args.backbones.split(",") if b]:
@@ -282,14 +292,15 @@ def main(argv=None) -> None:
                     continue
                 r["forward"][key] = fwd
                 share = ""
-                if peak_gflops:
-                    fwd["share_of_ceiling"] = round(fwd["images_per_s"] * r["gflop_per_image"] / peak_gflops, 3)
-                    share = f" ({fwd['share_of_ceiling']:.0%} of the ceiling)"
+                if fwd["precision"] in ceilings:
+                    ceiling = ceilings[fwd["precision"]]
+                    fwd["share_of_ceiling"] = round(fwd["images_per_s"] * r["gflop_per_image"] / ceiling, 3)
+                    share = f" ({fwd['share_of_ceiling']:.0%} of the {fwd['precision']} ceiling)"
                 print(f"  forward {key:17s} {fwd['images_per_s']:7.2f} img/s{share}", flush=True)
-            if peak_gflops:
-                r["ceiling_images_per_s"] = round(peak_gflops / r["gflop_per_image"], 1)
-                print(f"  ceiling at {r['gflop_per_image']:.2f} GFLOP/image {r['ceiling_images_per_s']:7.2f} img/s",
-                      flush=True)
+            if ceilings:
+                r["ceiling_images_per_s"] = {p: round(g / r["gflop_per_image"], 1) for p, g in ceilings.items()}
+                print(f"  ceilings at {r['gflop_per_image']:.2f} GFLOP/image: "
+                      + ", ".join(f"{p} {v:.2f} img/s" for p, v in r["ceiling_images_per_s"].items()), flush=True)
             base = r["baseline"]["images_per_s"]
             r["ratios_vs_baseline"] = {"extract": round(r["extract"]["images_per_s"] / base, 2),
                                        **{f"forward {k}": round(v["images_per_s"] / base, 2) for k, v in r["forward"].items()}}

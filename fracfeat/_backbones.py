@@ -9,6 +9,8 @@ import difflib
 
 import logging
 import os
+import sys
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +147,14 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 # Torch-style ImageNet mean and std of [0, 1] RGB (keras.applications.imagenet_utils).
 TORCH_MEAN_RGB, TORCH_STD_RGB = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-def backbone_spec(name: str) -> BackboneSpec:
-    key = str(name).lower().replace("-", "").replace("_", "")
+def backbone_spec(name) -> BackboneSpec:
+    if is_keras_model(name):
+        return USER_MODEL
+    if not isinstance(name, (str, os.PathLike)):
+        raise ConfigError(f"backbone= got a {type(name).__module__}.{type(name).__qualname__}, which is not a Keras "
+                          f"model: pass a keras.Model object (keras.Model(inputs, outputs), keras.applications.*), "
+                          f"a backbone name (`fracfeat backbones` lists them), or 'keras' with weights='<file>.keras'")
+    key = os.fspath(name).lower().replace("-", "").replace("_", "")
     if key == USER_MODEL.name:
         return USER_MODEL
     if key not in BACKBONES:
@@ -227,7 +235,10 @@ def resolve_weights(spec: BackboneSpec, weights) -> ResolvedWeights:
         raise ConfigError(f"backbone='keras' takes your model from weights=: pass weights='<file>.keras' (a model "
                           f"saved with model.save), not {weights!r}")
     if weights is None or word in ("none", "random"):
-        return ResolvedWeights("random", None, "random:he-normal:seed=0")
+        # Seeded pointwise kernels came later: Xception's and NASNet's rows made before then had Keras' own unseeded
+        # ones (other numbers in every process), so theirs is another identity, and no such row is reused.
+        pointwise = "+pointwise" if spec.keras_module in SEPARABLE_MODULES else ""
+        return ResolvedWeights("random", None, f"random:he-normal:seed=0{pointwise}")
     if word == "imagenet" and not spec.imagenet_file:
         raise WeightsError(
             f"fracfeat does not fetch ImageNet weights for {spec.name} itself: save them once where Keras can "
@@ -254,16 +265,20 @@ def resolve_weights(spec: BackboneSpec, weights) -> ResolvedWeights:
     return ResolvedWeights("file", str(path.resolve()), f"file:sha256:{sha256_of_file(str(path), float('inf'))}")
 
 
-def _seeded_random_weights(model, seed: int = 0) -> None:
+# keras.applications modules with SeparableConv2D layers (a depthwise and a pointwise kernel each).
+SEPARABLE_MODULES = ("xception", "nasnet")
+
+
+def seeded_random_weights(model, seed: int = 0) -> None:
     """Deterministic He-normal kernels (Keras' own init draws from a global seed state)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     for var in model.weights:
         name = var.path.rsplit("/", 1)[-1]
-        if name in ("kernel", "depthwise_kernel"):
+        if name in ("kernel", "depthwise_kernel", "pointwise_kernel"):  # every variable Keras draws at random
             shape = tuple(var.shape)
-            fan_in = int(np.prod(shape[:-1])) if name == "kernel" else int(np.prod(shape[:-2]))
+            fan_in = int(np.prod(shape[:-2])) if name == "depthwise_kernel" else int(np.prod(shape[:-1]))
             values = rng.standard_normal(shape).astype("float32") * np.float32(np.sqrt(2.0 / max(fan_in, 1)))
             var.assign(values)
 
@@ -275,7 +290,7 @@ def build_backbone(spec: BackboneSpec, image_size: int, weights: ResolvedWeights
 
     require_keras()
     if spec is USER_MODEL:
-        return load_user_model(weights.path, image_size, feature_layer)
+        return load_user_model(weights.path, image_size, feature_layer, weights.identity)
     # keras.applications itself: some modules (mobilenet_v3) do not export their constructors.
     constructor = getattr(importlib.import_module("keras.applications"), spec.keras_constructor)
     shape = (image_size, image_size, 3)
@@ -284,7 +299,7 @@ def build_backbone(spec: BackboneSpec, image_size: int, weights: ResolvedWeights
         return constructor(include_top=False, weights="imagenet", input_shape=shape)
     model = constructor(include_top=False, weights=None, input_shape=shape)
     if weights.kind == "random":
-        _seeded_random_weights(model)
+        seeded_random_weights(model)
     else:
         _load_weights_file(model, spec, weights.path)
     return model
@@ -307,15 +322,19 @@ def _load_weights_file(model, spec: BackboneSpec, path: str) -> None:
                     "features from layers it skipped would be wrong: %s", path, spec.name, len(said), said[0], hint)
 
 
-def load_user_model(path: str, image_size: int, feature_layer: str = ""):
+def load_user_model(path: str, image_size: int, feature_layer: str = "", identity: str = ""):
     """A user's ``.keras`` model, cut at ``feature_layer`` (its output when ""), checked to take
-    ``image_size`` px RGB."""
+    ``image_size`` px RGB; a model object's file (``identity`` a MODEL_IDENTITY) checked to hold that model."""
     keras = require_keras()
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # a damaged zip, a weights-only file, an unknown custom layer...
         raise WeightsError(f"cannot load {path!r} as a Keras model ({type(e).__name__}: {str(e)[:200]}); pass a "
                            f"model saved with model.save('<file>.keras')") from None
+    if identity.startswith(MODEL_IDENTITY) and model_identity(model) != identity:
+        raise WeightsError(f"{path!r} holds another model ({model_identity(model)}) than the one these features were "
+                           f"made with ({identity}): pass a .keras file of that model, e.g. "
+                           f"pipeline.set_params(features__weights='/path/to/model.keras')")
     shape = tuple(model.input_shape) if not isinstance(model.input_shape, list) else ()
     if len(shape) != 4 or shape[-1] != 3:
         raise WeightsError(f"{path!r} takes inputs of shape {model.input_shape}; fracfeat feeds (n, side, side, 3) "
@@ -324,13 +343,106 @@ def load_user_model(path: str, image_size: int, feature_layer: str = ""):
         raise ConfigError(f"{path!r} takes {shape[1]}x{shape[2]} px images: pass image_size={shape[1]}")
     if not feature_layer:
         return model
+    layer = feature_layer_of(model, feature_layer, repr(path))
+    return keras.Model(model.inputs, layer.output, name=f"{model.name}_to_{feature_layer}")
+
+
+def feature_layer_of(model, feature_layer: str, what: str):
+    """``model``'s layer ``feature_layer``, or a ConfigError naming its last layers (``what``: the model, in words)."""
     try:
-        layer = model.get_layer(feature_layer)
+        return model.get_layer(feature_layer)
     except ValueError:
         names = [lay.name for lay in model.layers][-8:]
-        raise ConfigError(f"feature_layer={feature_layer!r} is not a layer of {path!r}; its last layers are "
+        raise ConfigError(f"feature_layer={feature_layer!r} is not a layer of {what}; its last layers are "
                           f"{', '.join(names)}") from None
-    return keras.Model(model.inputs, layer.output, name=f"{model.name}_to_{feature_layer}")
+
+
+# A Keras model object given as backbone=: its identity is the sha256 of its architecture and weight values, since
+# a .keras file's bytes change at every save (the zip holds the save date), and fracfeat keeps it as a .keras file
+# named by that identity (content-addressed, under the cache folder) that store provenance and saved Pipelines name,
+# verified by the same identity when it is loaded: any save of the same model verifies.
+MODEL_IDENTITY = "keras-model:sha256:"
+
+
+def is_keras_model(obj) -> bool:
+    """Whether ``obj`` is a Keras model object (never imports Keras: without it loaded, nothing is one)."""
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(obj, getattr(keras, "Model", ()))
+
+
+def _without_trainable(value):
+    # Freezing layers changes no feature (fracfeat runs models with training=False), so it keeps the identity.
+    if isinstance(value, dict):
+        return {k: _without_trainable(v) for k, v in value.items() if k != "trainable"}
+    if isinstance(value, (list, tuple)):
+        return [_without_trainable(v) for v in value]
+    return value
+
+
+def model_identity(model) -> str:
+    """``keras-model:sha256:<hex>`` of ``model``'s class, architecture config and weight values, in order.
+
+    Equal for the object, for any ``.keras`` file it is saved to, and for that file loaded in another process.
+    Weights are taken in ``model.weights`` order without their paths (a Sequential's differ after loading).
+    """
+    import hashlib
+    import json
+
+    import numpy as np
+
+    keras = require_keras()
+    try:
+        config = model.get_config()
+    except Exception as e:  # a subclassed model without get_config
+        raise ConfigError(f"backbone={model.name!r} cannot describe its architecture ({type(e).__name__}: {e}); "
+                          f"give it a get_config, or build it as keras.Model(inputs, outputs)") from None
+    h = hashlib.sha256()
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    h.update(json.dumps({"class": kind, "config": _without_trainable(config)}, sort_keys=True, default=str).encode())
+    for var in model.weights:
+        values = np.ascontiguousarray(keras.ops.convert_to_numpy(var))
+        h.update(f"|{values.dtype.str}{values.shape}|".encode())
+        h.update(values.tobytes())
+    return MODEL_IDENTITY + h.hexdigest()
+
+
+def model_object_weights(model, weights, feature_layer: str = "") -> ResolvedWeights:
+    """A Keras model object as weights: its identity and the content-addressed ``.keras`` file fracfeat keeps of
+    it (saved once, atomically, under ``<cache folder>/models``), its feature layer checked first."""
+    if not (weights is None or (isinstance(weights, str) and weights.lower() in ("imagenet", "none", "random"))):
+        raise ConfigError(f"backbone={model.name!r} is a Keras model object and carries its own weights: leave "
+                          f"weights= out (got {weights!r}), or pass backbone='keras', weights='<file>.keras'")
+    if feature_layer:
+        feature_layer_of(model, feature_layer, f"your model {model.name!r}")
+    identity = model_identity(model)
+    from ._runtimes import cache_dir  # _runtimes imports this module
+
+    path = cache_dir() / "models" / f"{identity.rsplit(':', 1)[-1]}.keras"
+    if not path.is_file():
+        tmp = path.with_name(f".{uuid.uuid4().hex}.keras")  # Keras saves only to a name ending in .keras
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            model.save(tmp)
+            os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+        except OSError as e:
+            raise WeightsError(f"cannot keep your model as {str(path)!r} ({e}): set FRACFEAT_CACHE_DIR to a writable "
+                               f"folder") from None
+        except Exception as e:  # a custom layer Keras cannot serialize
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(f"backbone={model.name!r} cannot be saved as a .keras file ({type(e).__name__}: "
+                              f"{str(e)[:200]}), which a saved Pipeline rebuilds it from: register its custom layers "
+                              f"(keras.saving.register_keras_serializable)") from None
+    return ResolvedWeights("model", str(path), identity)
+
+
+def kept_model_file(weights, identity: str) -> ResolvedWeights:
+    """The ``.keras`` file of a model object (``identity`` a MODEL_IDENTITY), its content verified when loaded."""
+    path = Path(os.fspath(weights)).expanduser() if isinstance(weights, (str, os.PathLike)) else None
+    if path is None or not path.is_file():
+        raise WeightsError(f"the Keras model these features were made with ({identity[:31]}...) was kept as "
+                           f"{str(path or weights)!r}, which is not there: save that model (model.save('model.keras')) "
+                           f"and pass it, e.g. pipeline.set_params(features__weights='model.keras')")
+    return ResolvedWeights("model", str(path.resolve()), identity)
 
 
 def keras_facts(constructor: str) -> dict:

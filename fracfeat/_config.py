@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backbones import (BACKBONES, ResolvedWeights, backbone_spec, check_feature_layer, resolve_image_size,
-                         resolve_pooling, resolve_preprocessing, resolve_weights)
+from ._backbones import (BACKBONES, ResolvedWeights, backbone_spec, check_feature_layer, is_keras_model,
+                         model_object_weights, resolve_image_size, resolve_pooling, resolve_preprocessing,
+                         resolve_weights)
 from ._dicom import FRAMES, INVERSIONS, WINDOWS
-from ._errors import ConfigError
+from ._errors import ConfigError, WeightsError
 from ._hardware import Hardware, choose_precision_and_runtime
 from ._images import CROPS, DECODE_RECIPE, INTENSITIES, TRUNCATED_POLICIES, clahe_library
 from ._views import check_view
@@ -74,7 +75,8 @@ class ExtractorSettings:
     """
 
     backbone: str = option("vgg16", "vgg16, resnet50, efficientnetb2, any keras.applications CNN (`fracfeat "
-                                    "backbones` lists them), or keras: your own model given as weights=<file>.keras")
+                                    "backbones` lists them), or keras: your own model given as weights=<file>.keras "
+                                    "(in Python, a keras.Model object itself)")
     image_size: int | None = option(None, "square input size in pixels (default: the backbone's, e.g. 224)",
                                     metavar="N", cli_type=int)
     pooling: str = option("avg", "global pooling of the last convolution map: avg, max, or none to flatten it")
@@ -170,15 +172,24 @@ class ExtractorSettings:
                      dicom_frame=check_choice("dicom_frame", self.dicom_frame, FRAMES))
         if intensity == "clahe":
             clahe_library()  # before any file is read: MissingDependencyError naming the install command
-        resolved = None if weights_identity is not None else resolve_weights(spec, weights)
+        feature_layer = check_feature_layer(spec, self.feature_layer)
+        if is_keras_model(self.backbone):  # a model object: kept as a content-addressed .keras file
+            resolved = model_object_weights(self.backbone, weights, feature_layer)
+            if weights_identity is not None and weights_identity != resolved.identity:
+                raise WeightsError(f"backbone={self.backbone.name!r} is not the model these features were made "
+                                   f"with ({resolved.identity} here, {weights_identity} there)")
+            weights_identity = None
+        else:
+            resolved = None if weights_identity is not None else resolve_weights(spec, weights)
         if runtime == "auto" and not spec.runtime_measured:
             runtime = "keras"  # the "auto" table holds measured backbones only; Keras runs every model
-        precision, runtime = choose_precision_and_runtime(spec, precision, runtime, hardware)
+        precision, runtime = choose_precision_and_runtime(spec, precision, runtime, hardware, calibration=dict(
+            settings=self, image_size=image_size, weights=weights, resolved=resolved, identity=weights_identity))
         config = ExtractorConfig(
             backbone=spec.name, image_size=image_size, pooling=pooling, precision=precision, runtime=runtime,
             truncated=truncated, tiles=tiles, scales=scales, layers=layers, view=view, crop=crop, intensity=intensity,
             **dicom,
-            feature_layer=check_feature_layer(spec, self.feature_layer),
+            feature_layer=feature_layer,
             preprocessing=resolve_preprocessing(spec, self.preprocessing),
             weights=str(weights_identity) if resolved is None else resolved.identity,
         )

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ._backbones import ResolvedWeights, backbone_spec, resolve_weights
+from ._backbones import MODEL_IDENTITY, ResolvedWeights, backbone_spec, kept_model_file, resolve_weights
 from ._config import ExtractorConfig
 from ._errors import ImageError, WeightsError
 from ._images import DecodedImage, PixelRecipe, load_image, pixels_from_array
@@ -34,12 +34,17 @@ def _digest(identity: str) -> str:
 
 
 def verified_weights(config: ExtractorConfig, weights) -> ResolvedWeights:
-    """Resolve ``weights`` ("imagenet", a path, or None) and check they are the ones ``config`` names.
+    """Resolve ``weights`` ("imagenet", a path, None, or already resolved) and check they are the ones ``config``
+    names.
 
     Raises :class:`WeightsError` when the file's sha256 differs from the recorded identity, because
-    other weights give other features and every prediction would silently be wrong.
+    other weights give other features and every prediction would silently be wrong. A Keras model object's
+    file is verified by its content when it is loaded (any save of that model has other bytes).
     """
-    resolved = resolve_weights(backbone_spec(config.backbone), weights)
+    if config.weights.startswith(MODEL_IDENTITY) and not isinstance(weights, ResolvedWeights):
+        return kept_model_file(weights, config.weights)
+    resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(backbone_spec(config.backbone),
+                                                                                     weights)
     if _digest(resolved.identity) != _digest(config.weights):
         raise WeightsError(
             f"weights {resolved.path or weights!r} ({resolved.identity}) are not the weights these features were "

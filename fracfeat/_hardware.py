@@ -1,8 +1,9 @@
 """What this machine can do, and the fastest correct extraction path on it.
 
-GPU and CPU detection (bfloat16 hardware, OpenVINO), the measured runtime tables, and the "auto"
-choices of precision, runtime and batch size. Nothing here imports TensorFlow unless a GPU driver
-is visible, so resolving "auto" on a CPU stays cheap.
+GPU and CPU detection (bfloat16 hardware, OpenVINO), the "auto" choices of precision, runtime and
+batch size: a path measured on this machine where one applies (fracfeat._path_choice), else the hand
+tables below. Nothing here imports TensorFlow unless a GPU driver is visible, so resolving "auto" on a
+CPU stays cheap.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+# The fallback where no measured decision applies (fracfeat._path_choice: random weights, tiny inputs,
+# FRACFEAT_CALIBRATE=off, hardware given by the caller).
 # Fastest correct CPU path per backbone, from benchmarks/extract_throughput.py (results/ holds the
 # JSON). Without bfloat16 hardware: float32 everywhere, on the runtime that ran faster forward-only on
 # 2 cores: OpenVINO for ResNet50 (1.4x Keras) and VGG16 (tie; OpenVINO's cached model skips building
@@ -125,17 +128,32 @@ class Hardware:
                    openvino=openvino_available())
 
 
+# The CPU flags that change which extraction path is fastest (vector width, bfloat16 and int8 units).
+SPEED_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16",
+                         "amx_int8", "amx_tile"})
+
+
+def speed_flags(flags: frozenset[str]) -> list[str]:
+    """The :data:`SPEED_FLAGS` among ``flags``, sorted."""
+    return sorted(flags & SPEED_FLAGS)
+
+
 def describe_machine() -> dict:
     """What a benchmark ran on: CPU model, the flags that change the fast path, cores, and :class:`Hardware`."""
     model = cpuinfo_field("model name")
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"})
+    flags = speed_flags(cpu_flags())
     return {"cpu": model or platform.processor(), "cpu_flags": flags, "cpu_count": os.cpu_count(),
             "platform": platform.platform(), **dataclasses.asdict(Hardware.detect())}
 
 
 def choose_precision_and_runtime(spec: BackboneSpec, precision: str, runtime: str,
-                                 hardware: Hardware | None = None) -> tuple[str, str]:
+                                 hardware: Hardware | None = None, *,
+                                 calibration: dict | None = None) -> tuple[str, str]:
     """Resolve "auto" to the fastest correct path for this backbone on ``hardware`` (default: this machine).
+
+    On this machine (``hardware`` None), given ``calibration`` (the keywords of
+    :func:`fracfeat._path_choice.calibrated_path`: the settings, input size and weights), a path measured
+    here decides (cached, or calibrated on first use where that is worth it); elsewhere the tables:
 
     - GPU visible: Keras with mixed precision on the tensor cores (OpenVINO targets Intel devices):
       bfloat16 where the GPU has it (float32's range: float16 overflowed to NaN in deep ResNet50 and
@@ -148,6 +166,12 @@ def choose_precision_and_runtime(spec: BackboneSpec, precision: str, runtime: st
     """
     if runtime != "auto" and precision != "auto":
         return precision, runtime
+    if hardware is None and calibration is not None:
+        from ._path_choice import calibrated_path  # it imports this module
+
+        measured = calibrated_path(spec, precision, runtime, **calibration)
+        if measured is not None:
+            return measured
     hw = Hardware.detect() if hardware is None else hardware
     if runtime == "auto":
         if hw.gpu:

@@ -17,6 +17,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import FeatureUnion
 from sklearn.utils.validation import check_is_fitted
 
+from ._backbones import is_keras_model, model_object_weights
 from ._config import ExtractorConfig, ExtractorSettings, settings_doc
 from ._engine import FeatureEngine, verified_weights
 from ._errors import ConfigError, UnreadableImagesError, check_finite_rows
@@ -29,7 +30,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
     ----------
     weights : "imagenet", path, or None
         Keras' ImageNet weights, a Keras weights file of the no-top model, or None for seeded random
-        weights (tests).
+        weights (tests); with ``backbone`` a ``keras.Model`` object, left out (the object carries its own).
     weights_identity : str, optional
         The identity the weights must have (``"file:sha256:<hex>"``, ``"imagenet:sha256:<hex>"`` or
         ``"random:he-normal:seed=0"``). When set, ``weights`` is verified against it on first use and
@@ -199,7 +200,10 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         """The feature engine, built (and its weights verified) on first use."""
         check_is_fitted(self, "config_")
         if getattr(self, "_engine", None) is None:
-            self._engine = FeatureEngine(self.config_, verified_weights(self.config_, self.weights))
+            weights = self.weights
+            if is_keras_model(self.backbone):  # the object as it is now: trained further since fit, it is refused
+                weights = model_object_weights(self.backbone, weights, self.config_.feature_layer)
+            self._engine = FeatureEngine(self.config_, verified_weights(self.config_, weights))
         return self._engine
 
     def __getstate__(self):

@@ -32,6 +32,7 @@ from ._extract import extract
 from ._fit import check_storage, check_tuning, fit, quiet_optuna, tune_worker
 from ._metrics import evaluate
 from ._model_io import check_output_file, check_output_folder, load_model, save_model
+from ._path_choice import DEFAULT_IMAGES, DEFAULT_REPEATS, MIN_COSINE, cache_file, calibrate
 from ._plots import format_value
 from ._predict import predict
 from ._presets import presets
@@ -489,6 +490,33 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    decision = calibrate(args.backbone, "imagenet" if args.weights is None else args.weights, args.image_size,
+                         n_images=args.images, repeats=args.repeats)
+    if args.json:
+        _print_json({**decision, "cache_file": str(cache_file())})
+        return 0
+    print_calibration(decision)
+    return 0
+
+
+def print_calibration(decision: dict) -> None:
+    """The table `fracfeat calibrate` prints: each path's images/s and agreement, the chosen one starred."""
+    backbone = decision["key"]["backbone"]
+    print(f"{backbone['backbone']} at {backbone['image_size']} px, {decision['n_images']} synthetic images, "
+          f"median of {decision['repeats']} (load average {' '.join(map(str, decision['load_avg']))})")
+    print(f"{'path':<18} {'images/s':>9} {'min cosine':>11}  agrees  chosen")
+    for r in decision["rows"]:
+        chosen = "*" if r["path"] == decision["chosen"] else ""
+        agrees = "yes" if r["agrees"] else "no"
+        print(f"{r['path']:<18} {r['images_per_s']:>9.2f} {r['min_cosine']:>11.6f}  {agrees:<6}  {chosen}")
+    machine = decision["key"]["machine"]
+    use = ("\"auto\" does not use choices made with random weights" if backbone["weights"].startswith("random")
+           else "\"auto\" uses this choice from now on")
+    print(f"\nagrees: cosine to float32/keras >= {min(MIN_COSINE.values())} on every image. CPU: {machine['cpu']} "
+          f"({machine['cores']} cores; {' '.join(machine['cpu_flags'])}). {use} (cached in {cache_file()})")
+
+
 # -- the parser ------------------------------------------------------------------------------------
 
 def _json_option(p: argparse.ArgumentParser) -> None:
@@ -704,6 +732,23 @@ def _add_backbones_command(sub, common) -> None:
     p.set_defaults(func=cmd_backbones)
 
 
+def _add_calibrate_command(sub, common) -> None:
+    p = sub.add_parser("calibrate", parents=[common], help="measure the fastest extraction path on this machine",
+                       description="Time every extraction path this CPU has (Keras and OpenVINO, float32 and "
+                                   "bfloat16 where the CPU does it in hardware) for a backbone, keep the fastest "
+                                   "whose features agree with float32 Keras (cosine >= 0.999 per image), and cache "
+                                   "the choice: precision and runtime \"auto\" use it from then on.")
+    p.add_argument("--backbone", default="vgg16", help="backbone to calibrate (default: vgg16)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N", help="input size (default: the backbone's)")
+    p.add_argument("--weights", default=None, help="as extract's --weights (default: imagenet)")
+    p.add_argument("--images", type=int, default=DEFAULT_IMAGES, metavar="N",
+                   help=f"synthetic images per timed batch (default {DEFAULT_IMAGES})")
+    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
+                   help=f"timed batches per path; the median counts (default {DEFAULT_REPEATS})")
+    _json_option(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(suppress=True)
     parser = argparse.ArgumentParser(
@@ -716,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_command in (_add_extract_command, _add_store_command, _add_fit_command, _add_evaluate_command,
                         _add_predict_command, _add_run_command, _add_presets_command, _add_adapt_command,
                         _add_recalibrate_command, _add_tune_worker_command, _add_explain_command,
-                        _add_backbones_command):
+                        _add_backbones_command, _add_calibrate_command):
         add_command(sub, common)
     return parser
 

@@ -19,6 +19,9 @@ VGG16_WEIGHTS = SHARED / "weights" / "vgg16_imagenet_notop.weights.h5"
 TINY = dict(backbone="vgg16", weights=None, image_size=32, progress=False)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# "auto" picks its path from the tables, never by timing candidates (fracfeat._path_choice): a test's
+# result must not depend on the machine's load. tests/test_path_choice.py turns calibration on itself.
+os.environ.setdefault("FRACFEAT_CALIBRATE", "off")
 
 
 def manifest_rows() -> list[dict]:

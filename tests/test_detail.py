@@ -119,10 +119,10 @@ def _pooled_map(images, layer):
     """Keras' own VGG16 (same seeded weights) cut at ``layer``, averaged over space: the reference."""
     import keras
 
-    from fracfeat._backbones import _seeded_random_weights
+    from fracfeat._backbones import seeded_random_weights
 
     vgg = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
-    _seeded_random_weights(vgg)
+    seeded_random_weights(vgg)
     cut = keras.Model(vgg.input, vgg.get_layer(layer).output)
     pixels = np.stack([load_image(p, 32).pixels for p in images]).astype("float32")
     return np.asarray(cut(keras.applications.vgg16.preprocess_input(pixels))).mean(axis=(1, 2))

@@ -31,3 +31,25 @@ def test_the_dense_head_is_tuned_saved_and_predicts_the_same(tiny_features, tmp_
     X = tiny_features.X
     np.testing.assert_allclose(loaded[1:].predict_proba(X), result.pipeline[1:].predict_proba(X))
     assert 0.0 <= result.cv_score <= 1.0
+
+
+def test_the_external_benchmark_trains_its_mlp_row_with_the_dense_head(tiny_features):
+    """benchmarks/external.py's "mlp" method fits classifier="mlp" whatever the run's --classifier says."""
+    import argparse
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("external_benchmark", REPO / "benchmarks" / "external.py")
+    external = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = external  # its dataclasses look their module up there
+    spec.loader.exec_module(external)
+    method = external.METHODS["mlp"]
+    assert external.missing_option(method) is None
+    args = argparse.Namespace(classifier="svm", trials=2, seed=0)
+    result, _ = external.trained(tiny_features, method, args)
+    head = result.pipeline[-1]
+    assert result.classifier == "mlp"
+    assert isinstance(head, MLPClassifier) or isinstance(getattr(head, "estimator", None), MLPClassifier)
+    assert external.missing_option(external.Method("a head fracfeat lacks", fit={"classifier": "forest"}))

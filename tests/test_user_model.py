@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ OWN = dict(backbone="keras", feature_layer="features", preprocessing="scale-0-1"
            precision="float32")
 
 
-def _save_model(path: Path, seed: int) -> Path:
+def _make_model(seed: int):
     import keras
 
     def init(i):
@@ -34,7 +35,11 @@ def _save_model(path: Path, seed: int) -> Path:
     x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", kernel_initializer=init(1), name="features")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(2, activation="softmax", kernel_initializer=init(2), name="head")(x)
-    keras.Model(inputs, outputs, name="hospital_cnn").save(path)
+    return keras.Model(inputs, outputs, name="hospital_cnn")
+
+
+def _save_model(path: Path, seed: int) -> Path:
+    _make_model(seed).save(path)
     return path
 
 
@@ -49,12 +54,28 @@ def six_images(real_images) -> tuple[list[str], list[str]]:
     return [str(p) for p in paths], ["fractured"] * 3 + ["not_fractured"] * 3
 
 
+def _extract_six(six_images, store: Path, **settings):
+    paths, labels = six_images
+    return extract(paths, labels=labels, groups=[f"g{i}" for i in range(6)], store=store, progress=False, **settings)
+
+
+def _predicted_here_and_in_a_fresh_process(features, paths, tmp_path, env, python) -> tuple[list, list]:
+    """fit on ``features``, joblib, and the saved Pipeline's probabilities here and in a new Python process."""
+    result = fit(features, classifier="logreg", n_trials=2, cv=2)
+    saved = result.save(tmp_path / "model.joblib")
+    here = result.pipeline.predict_proba(paths)[:, 1]
+    np.testing.assert_allclose(result.pipeline[1:].predict_proba(features.X)[:, 1], here, atol=1e-6)
+    child = ("import json, sys; from fracfeat import load_model; m = load_model(sys.argv[1]); "
+             "print(json.dumps(m.predict_proba(sys.argv[2:])[:, 1].tolist()))")
+    out = subprocess.run([python, "-c", child, str(saved), *paths], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return here, json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def own_features(own_model, six_images, tmp_path_factory):
-    paths, labels = six_images
-    store = tmp_path_factory.mktemp("own-store") / "store"
-    return extract(paths, labels=labels, groups=[f"g{i}" for i in range(6)], store=store, weights=own_model,
-                   progress=False, **OWN)
+    return _extract_six(six_images, tmp_path_factory.mktemp("own-store") / "store", weights=own_model, **OWN)
 
 
 def test_identity_preprocessing_and_layer_are_recorded(own_model, own_features):
@@ -67,17 +88,8 @@ def test_identity_preprocessing_and_layer_are_recorded(own_model, own_features):
 
 def test_round_trip_extract_fit_joblib_predict_in_a_fresh_process(own_features, six_images, tmp_path,
                                                                   subprocess_env, python):
-    paths, _ = six_images
-    result = fit(own_features, classifier="logreg", n_trials=2, cv=2)
-    saved = result.save(tmp_path / "own.joblib")
-    here = result.pipeline.predict_proba(paths)[:, 1]
-    np.testing.assert_allclose(result.pipeline[1:].predict_proba(own_features.X)[:, 1], here, atol=1e-6)
-    child = ("import json, sys; from fracfeat import load_model; m = load_model(sys.argv[1]); "
-             "print(json.dumps(m.predict_proba(sys.argv[2:])[:, 1].tolist()))")
-    out = subprocess.run([python, "-c", child, str(saved), *paths], env=subprocess_env, capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    np.testing.assert_allclose(json.loads(out.stdout.strip().splitlines()[-1]), here, atol=1e-6)
+    here, there = _predicted_here_and_in_a_fresh_process(own_features, six_images[0], tmp_path, subprocess_env, python)
+    np.testing.assert_allclose(there, here, atol=1e-6)
 
 
 def test_a_changed_model_file_is_refused_by_the_saved_pipeline(own_features, tmp_path):
@@ -146,3 +158,102 @@ def test_a_weights_file_for_a_known_architecture_with_declared_preprocessing(vgg
     assert (caffe.provenance["preprocessing"], tf.provenance["preprocessing"]) == ("caffe", "tf")
     assert tf.fingerprint != caffe.fingerprint and tf.provenance["n_computed"] == 2
     assert not np.allclose(tf.X, caffe.X)
+
+
+# -- a Keras model object as backbone= (no .keras file of the user's) ------------------------------------------------
+OBJECT = {k: v for k, v in OWN.items() if k != "backbone"}
+
+
+@pytest.fixture(scope="module")
+def kept_models(tmp_path_factory):
+    """The cache folder where fracfeat keeps model objects as .keras files, this module's own (children inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        cache = tmp_path_factory.mktemp("cache")
+        mp.setenv("FRACFEAT_CACHE_DIR", str(cache))
+        yield cache / "models"
+
+
+@pytest.fixture(scope="module")
+def model_object(kept_models):
+    return _make_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def object_features(model_object, six_images, tmp_path_factory):
+    return _extract_six(six_images, tmp_path_factory.mktemp("object-store") / "store", backbone=model_object, **OBJECT)
+
+
+def test_a_model_object_is_identified_by_its_content_and_kept_once(model_object, object_features, kept_models,
+                                                                   six_images, tmp_path):
+    import keras
+
+    from fracfeat._backbones import model_identity
+
+    prov = object_features.provenance
+    identity = model_identity(model_object)
+    assert (prov["backbone"], prov["weights"], prov["weights_kind"]) == ("keras", identity, "model")
+    assert prov["weights_path"] == str(kept_models / f"{identity.rsplit(':', 1)[-1]}.keras")
+    assert [p.name for p in kept_models.iterdir()] == [Path(prov["weights_path"]).name]  # no temporary file left
+    # A .keras file's bytes change with the second it was saved in (the zip holds the date); the content
+    # identity of what it holds does not.
+    saved = [tmp_path / "a.keras", tmp_path / "b.keras"]
+    for path in saved:
+        model_object.save(path)
+    with zipfile.ZipFile(saved[0]) as z:
+        assert "date_saved" in json.loads(z.read("metadata.json"))
+    assert model_identity(keras.saving.load_model(saved[1], compile=False)) == identity
+    paths, _ = six_images
+    from_file = extract(paths, store=tmp_path / "s", backbone="keras", weights=saved[0], progress=False, **OBJECT)
+    np.testing.assert_allclose(from_file.X, object_features.X, rtol=0, atol=1e-6)  # the same model, the same rows
+
+
+def test_the_same_model_object_again_or_loaded_from_a_file_hits_the_feature_cache(model_object, object_features,
+                                                                                  six_images, tmp_path):
+    import keras
+
+    paths, _ = six_images
+    again = extract(paths, store=object_features.store, backbone=model_object, progress=False, **OBJECT)
+    model_object.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    reloaded = extract(paths, store=object_features.store, backbone=loaded, progress=False, **OBJECT)
+    assert again.provenance["n_computed"] == reloaded.provenance["n_computed"] == 0
+    assert again.fingerprint == reloaded.fingerprint == object_features.fingerprint
+
+
+def test_a_model_object_pipeline_predicts_in_a_fresh_process(object_features, six_images, tmp_path, subprocess_env,
+                                                             python, model_object):
+    """The saved Pipeline names the kept .keras file, not the object: a new process rebuilds the model from it."""
+    paths, _ = six_images
+    deep = DeepFeatures(backbone=model_object, **OBJECT).fit()
+    np.testing.assert_allclose(deep.transform(paths), object_features.X, rtol=0, atol=1e-6)
+    here, there = _predicted_here_and_in_a_fresh_process(object_features, paths, tmp_path, subprocess_env, python)
+    np.testing.assert_allclose(there, here, atol=1e-6)
+
+
+def test_a_changed_or_missing_model_is_refused(model_object, object_features, tmp_path):
+    import keras
+
+    other = _save_model(tmp_path / "other.keras", seed=4)
+    with pytest.raises(WeightsError, match="holds another model .* than the one these features were made with"):
+        DeepFeatures.from_provenance(object_features.provenance, weights=other).transform(
+            np.zeros((1, SIZE, SIZE, 3), np.uint8))
+    with pytest.raises(WeightsError, match="was kept as .*gone.keras', which is not there: save that model"):
+        DeepFeatures.from_provenance(object_features.provenance, weights=tmp_path / "gone.keras").transform(
+            np.zeros((1, SIZE, SIZE, 3), np.uint8))
+    trained = keras.models.clone_model(model_object)
+    trained.set_weights(model_object.get_weights())
+    deep = DeepFeatures(backbone=trained, **OBJECT).fit()
+    trained.get_layer("features").kernel.assign(trained.get_layer("features").kernel * 2.0)  # trained on since fit
+    with pytest.raises(WeightsError, match="are not the weights these features were made with"):
+        deep.transform(np.zeros((1, SIZE, SIZE, 3), np.uint8))
+
+
+@pytest.mark.parametrize("backbone, settings, match", [
+    (object(), {}, "backbone= got a builtins.object, which is not a Keras model: pass a keras.Model object"),
+    ("model", dict(feature_layer="fc7"), r"'fc7' is not a layer of your model 'hospital_cnn'; .*features, .*head"),
+    ("model", dict(weights="vgg16.weights.h5"), "carries its own weights: leave weights= out"),
+    ("model", dict(feature_layer=None, preprocessing="auto"), "needs its input preprocessing declared"),
+])
+def test_model_object_errors_name_the_fix(backbone, settings, match, model_object):
+    with pytest.raises(ConfigError, match=match):
+        resolve_extractor(model_object if backbone == "model" else backbone, **{**OBJECT, **settings})
