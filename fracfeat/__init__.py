@@ -8,6 +8,7 @@ Public API (everything else lives in private modules)::
     from fracfeat import adapt, recalibrate  # a model to a new site: unlabeled images; a few labeled ones
     from fracfeat import explain  # where the model looks: a heatmap per image
     from fracfeat import tune_worker  # another process joining fit's study on a shared storage
+    from fracfeat import calibrate  # time the extraction paths this machine has; "auto" uses the fastest
 
 Importing fracfeat is cheap: TensorFlow/Keras, XGBoost, Optuna and matplotlib load only when used.
 """
@@ -29,6 +30,7 @@ from ._featureset import FeatureSet, join_features
 from ._fit import FitResult, fit, tune_worker
 from ._metrics import METRIC_KEYS, evaluate
 from ._model_io import load_model, save_model
+from ._path_choice import calibrate
 from ._predict import predict
 from ._presets import Preset, presets
 from ._report import report
@@ -44,6 +46,7 @@ __all__ = [
     "evaluate",
     "predict",
     "explain",
+    "calibrate",
     "load_model",
     "save_model",
     "report",
