@@ -54,15 +54,24 @@ def test_out_of_fold_trains_only_on_training_rows(tiny_features):
 
 
 def test_out_of_fold_refuses_folds_that_leak_a_group(tiny_features):
-    fs = tiny_features
+    # A copy: the session's tiny_features must keep its groups (this test once changed them in place, and a
+    # later tune-worker test on the same xdist worker found its rows differ from the store's).
+    fs = tiny_features.subset(np.arange(len(tiny_features)))
     idx = np.arange(len(fs))
     leaky = [(idx[1:], idx[:1]), (idx[:1], idx[1:])]
     fs.groups[1] = fs.groups[0]
-    try:
-        with pytest.raises(ConfigError, match="both sides"):
-            out_of_fold(fs, lambda train: None, leaky)
-    finally:
-        fs.groups[1] = tiny_features.groups[1]
+    with pytest.raises(ConfigError, match="both sides"):
+        out_of_fold(fs, lambda train: None, leaky)
+    assert tiny_features.groups[1] != tiny_features.groups[0]
+
+
+def test_tests_leave_the_session_features_as_the_store_holds_them(tiny_features):
+    """Every test sharing tiny_features must leave it as extracted: its rows are what the store's version holds."""
+    from fracfeat import FeatureStore
+
+    stored = FeatureStore(tiny_features.store).open(tiny_features.version)
+    for name in ("ids", "y", "groups"):
+        assert list(getattr(tiny_features, name)) == list(getattr(stored, name)), name
 
 
 def test_summary_metrics_by_hand():
