@@ -94,24 +94,31 @@ def _add_extract_options(p: argparse.ArgumentParser, *, store_default: str | Non
     ``views=False`` leaves out the settings that make an augmented view (``run`` takes views as ``--augment``).
     """
     g = p.add_argument_group("feature extraction")
-    for f in ExtractorSettings.options():
-        meta = f.metadata
-        if meta["view"] and not views:
-            continue
-        g.add_argument(f"--{f.name.replace('_', '-')}", default=None, type=meta["cli_type"], metavar=meta["metavar"],
-                       choices=meta["choices"],
-                       help=meta["help"] + ("" if f.default is None else f" (default: {f.default})"))
+    _add_settings_options(g, skip=() if views else tuple(f.name for f in ExtractorSettings.options()
+                                                          if f.metadata["view"]))
     if store_default is not None:
         g.add_argument("--store", default=store_default, help=f"feature store folder (default: {store_default})")
-    g.add_argument("--weights", default=None,
-                   help="'imagenet' (Keras' download), a Keras no-top weights file, 'none' for random weights, or "
-                        "with --backbone keras your own .keras model file (default: imagenet)")
     g.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per forward pass (default: chosen for the hardware)")
     g.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first unreadable image (default: record it as a failure and go on)")
     g.add_argument("--scheduler", default=None, metavar="tcp://HOST:8786",
                    help="compute on this Dask cluster's workers (pip install 'fracfeat[dask]'; docs/scale.md)")
+
+
+def _add_settings_options(g, skip: tuple = ()) -> None:
+    """One option per extractor setting (help and spelling from :class:`fracfeat.ExtractorSettings`) but
+    ``skip``, and --weights."""
+    for f in ExtractorSettings.options():
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        g.add_argument(f"--{f.name.replace('_', '-')}", default=None, type=meta["cli_type"], metavar=meta["metavar"],
+                       choices=meta["choices"],
+                       help=meta["help"] + ("" if f.default is None else f" (default: {f.default})"))
+    g.add_argument("--weights", default=None,
+                   help="'imagenet' (Keras' download), a Keras no-top weights file, 'none' for random weights, or "
+                        "with --backbone keras your own .keras model file (default: imagenet)")
 
 
 def _extract_kwargs(args) -> dict:
@@ -491,8 +498,10 @@ def cmd_explain(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    decision = calibrate(args.backbone, "imagenet" if args.weights is None else args.weights, args.image_size,
-                         n_images=args.images, repeats=args.repeats)
+    settings = _given(**{name: getattr(args, name, None) for name in ExtractorSettings.names()
+                         if name not in CALIBRATED})
+    decision = calibrate(weights="imagenet" if args.weights is None else args.weights, n_images=args.images,
+                         repeats=args.repeats, **settings)
     if args.json:
         _print_json({**decision, "cache_file": str(cache_file())})
         return 0
@@ -518,6 +527,8 @@ def print_calibration(decision: dict) -> None:
 
 
 # -- the parser ------------------------------------------------------------------------------------
+
+CALIBRATED = ("precision", "runtime")  # what `fracfeat calibrate` chooses, so not one of its options
 
 def _json_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -738,9 +749,7 @@ def _add_calibrate_command(sub, common) -> None:
                                    "bfloat16 where the CPU does it in hardware) for a backbone, keep the fastest "
                                    "whose features agree with float32 Keras (cosine >= 0.999 per image), and cache "
                                    "the choice: precision and runtime \"auto\" use it from then on.")
-    p.add_argument("--backbone", default="vgg16", help="backbone to calibrate (default: vgg16)")
-    p.add_argument("--image-size", type=int, default=None, metavar="N", help="input size (default: the backbone's)")
-    p.add_argument("--weights", default=None, help="as extract's --weights (default: imagenet)")
+    _add_settings_options(p.add_argument_group("the extractor to calibrate (as extract's options)"), skip=CALIBRATED)
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES, metavar="N",
                    help=f"synthetic images per timed batch (default {DEFAULT_IMAGES})")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
