@@ -25,7 +25,7 @@ from ._model_io import save_model
 from ._presets import check_features, preset_defaults
 from ._progress import TrialProgress
 from ._store import FeatureStore
-from ._validation import BY_VALUE, leave_one_value_out, per_value_lines, per_value_metrics, values_of
+from ._validation import BY_VALUE, BY_VALUE_CHOICES, leave_one_value_out, per_value_lines, per_value_metrics, values_of
 
 log = logging.getLogger("fracfeat")
 
@@ -72,7 +72,7 @@ class FitResult:
     balance : str or None
         The ``balance=`` the model was trained with.
     cv_by_value : dict or None
-        With ``cv="source"`` or ``"region"``: per held-out value, ``{"n", "n_fractured", "roc_auc",
+        With ``cv="source"``, ``"region"`` or ``"projection"``: per held-out value, ``{"n", "n_fractured", "roc_auc",
         "sensitivity", "specificity", "resampled"}``, each metric ``{"value", "low", "high"}`` (95%
         group-bootstrap interval, :func:`fracfeat._validation.bootstrap_ci`), from the best trial's
         out-of-fold probabilities (the kept model's kind, refitted without the held-out value) at the
@@ -114,7 +114,7 @@ class FitResult:
                 f"{', ' + held if held else ''}{by}{weighted}, trials={self.trials}, version={self.version})")
 
     def by_value_text(self) -> str:
-        """The per-held-out-value table (``cv="source"``/``"region"``) as text; "" for k folds."""
+        """The per-held-out-value table (``cv`` a row metadata field, e.g. "region") as text; "" for k folds."""
         if not self.cv_by_value:
             return ""
         return "\n".join(per_value_lines(self.cv_by_value, self.cv_by))
@@ -139,7 +139,7 @@ def as_feature_set(features, version="latest") -> FeatureSet:
 def make_folds(fs: FeatureSet, cv, seed: int) -> tuple[list, bool]:
     """Cross-validation folds as index pairs, computed once so every trial sees the same ones.
 
-    ``cv="source"`` or ``"region"``: one fold per value, holding out all its rows
+    ``cv`` a row metadata field (``"source"``, ``"region"``, ``"projection"``): one fold per value, holding out all its rows
     (:func:`fracfeat._validation.leave_one_value_out` says what it refuses).
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -168,19 +168,19 @@ def make_folds(fs: FeatureSet, cv, seed: int) -> tuple[list, bool]:
 
 
 def check_cv(cv) -> None:
-    """A number of folds (>= 2), "source", "region" or a scikit-learn splitter, or a ConfigError saying so."""
+    """A number of folds (>= 2), a row metadata field (BY_VALUE) or a scikit-learn splitter, else a ConfigError."""
     if isinstance(cv, (int, np.integer)) and not isinstance(cv, bool):
         if cv < 2:
             raise ConfigError(f"cv={cv}: give at least 2 folds")
     elif isinstance(cv, str):
         if cv not in BY_VALUE:
-            raise ConfigError(f"cv={cv!r}: give a number of folds, 'source' or 'region' (one fold per held-out "
-                              f"value), or a scikit-learn splitter")
+            raise ConfigError(f"cv={cv!r}: give a number of folds, one of {BY_VALUE_CHOICES} (one fold per "
+                              f"held-out value), or a scikit-learn splitter")
     elif not hasattr(cv, "split"):
-        raise ConfigError(f"cv={cv!r}: give a number of folds, 'source', 'region' or a scikit-learn splitter")
+        raise ConfigError(f"cv={cv!r}: give a number of folds, one of {BY_VALUE_CHOICES}, or a scikit-learn splitter")
 
 
-BALANCE = (None, "classes", "source", "region")
+BALANCE = (None, "classes", *BY_VALUE)
 # The classifiers' own class weighting, switched off when fit weighs the rows (balance=): the weights
 # then balance the classes already, within each source or region. Parameter names of _classifiers.
 UNWEIGHTED_CLASSES = {"logreg_class_weight": "none", "svm_class_weight": "none", "xgb_scale_pos_weight": "none"}
@@ -188,7 +188,7 @@ UNWEIGHTED_CLASSES = {"logreg_class_weight": "none", "svm_class_weight": "none",
 
 def check_balance(balance) -> None:
     if balance not in BALANCE:
-        raise ConfigError(f"balance={balance!r}: give None, 'classes', 'source' or 'region'")
+        raise ConfigError(f"balance={balance!r}: give None, 'classes' or one of {BY_VALUE_CHOICES}")
 
 
 def balance_weights(y, values) -> np.ndarray:
@@ -210,7 +210,7 @@ def balance_weights(y, values) -> np.ndarray:
 
 
 def _balance_values(fs: FeatureSet, balance) -> np.ndarray | None:
-    """What the weights balance over (None: no weights): one value for "classes", else each row's source/region."""
+    """What the weights balance over (None: no weights): one value for "classes", else each row's source, region or projection."""
     if balance is None:
         return None
     if balance == "classes":
@@ -400,11 +400,11 @@ def fit(
         study with the same ``n_trials`` runs only the trials still missing.
     timeout : float, optional
         Stop starting trials after this many seconds.
-    cv : int, "source", "region", or scikit-learn splitter
+    cv : int, "source", "region", "projection", or scikit-learn splitter
         Folds; an int gives StratifiedGroupKFold when every row has a group (near-duplicate images
-        never straddle folds), else StratifiedKFold, both shuffled with ``seed``. ``"source"`` or
-        ``"region"`` hold out one whole source (hospital, dataset) or body region per fold, so the CV score
-        is what the model does on a source or region it never saw; refused when there are fewer than 2
+        never straddle folds), else StratifiedKFold, both shuffled with ``seed``. ``"source"``,
+        ``"region"`` or ``"projection"`` hold out one whole source (hospital, dataset), body region or
+        radiographic projection per fold, so the CV score is what the model does on one it never saw; refused when there are fewer than 2
         values, a value holds one class only, a row has none, or a near-duplicate group spans two values.
         ``FitResult.cv_by_value`` then gives each held-out value's figures with intervals.
     scoring : str or callable
@@ -444,7 +444,7 @@ def fit(
         each training row's views are added to the training side of every fold and to the kept model's
         training rows; validation folds and held-out splits are scored on the original images only.
         Views are matched to rows by image id (content hash), so they share the original's group.
-    balance : None, "classes", "source" or "region"
+    balance : None, "classes", "source", "region" or "projection"
         Weigh the training rows (``sample_weight`` of the classifier, in every tuning fold and in the kept
         model) so that within each source (or region) the two classes carry the same total weight, and
         every source (region) the same total; ``"classes"`` balances the classes only. A model can then

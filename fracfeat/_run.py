@@ -128,8 +128,8 @@ def run(
     store : str or Path, optional
         Feature store folder (default ``OUT/store``); a shared store reuses features across runs.
     classifier, n_trials, timeout, cv, scoring, seed, threshold, storage, study_name, balance
-        Tuning settings, as for :func:`fracfeat.fit` (``cv="source"`` or ``"region"``: leave one source or
-        body region out; ``balance="source"`` or ``"region"``: equal class weight within each). The default budget, 20 trials of XGBoost, tuned all
+        Tuning settings, as for :func:`fracfeat.fit` (``cv="source"``, ``"region"`` or ``"projection"``: leave one
+        out; ``balance=`` the same names: equal class weight within each). The default budget, 20 trials of XGBoost, tuned all
         of FracAtlas (4,083 images) in under 7 minutes on 2 cores (``classifier="svm", n_trials=30``: under
         a minute, a little lower held out). ``threshold`` defaults to the one
         that maximizes balanced accuracy on the training folds: about 18% of radiographs are fractured,

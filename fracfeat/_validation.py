@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ._errors import ConfigError
-from ._featureset import FeatureSet
+from ._featureset import METADATA_ATTRS, FeatureSet
 from ._metrics import bootstrap_intervals
 from ._report import decision_threshold
 
@@ -43,13 +43,16 @@ def grouped_folds(y, groups, n_splits: int = 5, seed: int = 0) -> list[tuple[np.
 
 
 # What a leave-one-value-out CV can hold out, and the FeatureSet attribute holding each row's value.
-BY_VALUE = {"source": "sources", "region": "regions"}
+# Every row metadata field a store keeps (source, region, projection): one place, so a new field is held out,
+# balanced and offered on the command line with no other change.
+BY_VALUE = {attr[:-1]: attr for attr in METADATA_ATTRS}
+BY_VALUE_CHOICES = ", ".join(repr(v) for v in BY_VALUE)
 
 
 def values_of(fs: FeatureSet, what: str) -> np.ndarray:
-    """Each row's source or region (``what``), as str."""
+    """Each row's source, region or projection (``what``), as str."""
     if what not in BY_VALUE:
-        raise ConfigError(f"{what!r}: give 'source' or 'region'")
+        raise ConfigError(f"{what!r}: give one of {BY_VALUE_CHOICES}")
     return np.asarray(getattr(fs, BY_VALUE[what]), dtype=object).astype(str)
 
 

@@ -40,6 +40,7 @@ from ._recalibrate import recalibrate
 from ._report import report
 from ._run import run
 from ._store import FeatureStore, version_list
+from ._validation import BY_VALUE
 from ._version import __version__
 
 log = logging.getLogger("fracfeat")
@@ -231,12 +232,13 @@ def _add_tuning_options(p: argparse.ArgumentParser, api) -> None:
                         f"(default: {d['classifier']})")
     g.add_argument("--trials", type=int, default=None, metavar="N", help=f"Optuna trials (default: {d['n_trials']})")
     g.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
-    g.add_argument("--cv", type=_cv_arg, default=None, metavar="K|source|region",
-                   help=f"cross-validation folds, or source / region: hold out one source (NAME=PATH sources, or "
-                        f"a manifest's source column) or body region (a region column) per fold (default: {d['cv']})")
-    g.add_argument("--balance", default=None, choices=("classes", "source", "region"),
-                   help="weigh training rows so both classes weigh the same within each source (region), and "
-                        "every source (region) the same; classes: class balance only (default: unweighted)")
+    g.add_argument("--cv", type=_cv_arg, default=None, metavar="K|" + "|".join(BY_VALUE),
+                   help=f"cross-validation folds, or source / region / projection: hold out one source (NAME=PATH "
+                        f"sources, or a manifest's source column), body region (a region column) or projection (a "
+                        f"projection or view column) per fold (default: {d['cv']})")
+    g.add_argument("--balance", default=None, choices=("classes", *BY_VALUE),
+                   help="weigh training rows so both classes weigh the same within each source (region, "
+                        "projection), and every source the same; classes: class balance only (default: unweighted)")
     g.add_argument("--scoring", default=None, help=f"scikit-learn scorer to maximize (default: {d['scoring']})")
     g.add_argument("--seed", type=int, default=None,
                    help=f"seeds sampler, folds and classifiers (default: {d['seed']})")
@@ -249,13 +251,13 @@ def _add_tuning_options(p: argparse.ArgumentParser, api) -> None:
 
 
 def _cv_arg(text: str):
-    """``--cv``: a number of folds, or source / region (leave one out)."""
-    if text in ("source", "region"):
+    """``--cv``: a number of folds, or a row metadata field (leave one value out)."""
+    if text in BY_VALUE:
         return text
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of folds, source or region") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of folds or one of {', '.join(BY_VALUE)}") from None
 
 
 class _SourcesAction(argparse.Action):

@@ -292,3 +292,17 @@ def test_a_damaged_dicom_file_becomes_a_failure_row_naming_the_reason(tmp_path, 
     assert len(fs) == 3 and any(p.endswith("copy.jpe") for p in fs.paths)
     assert [Path(f["path"]).name for f in fs.failures] == ["scan.dcm"]
     assert fs.failures[0]["reason"].startswith("damaged DICOM:")
+
+
+def test_projection_is_held_out_and_balanced_like_source_and_region(with_regions):
+    # Every row metadata field the store keeps (source, region, projection) can be held out and balanced.
+    from fracfeat.cli import build_parser
+
+    fs = replace(with_regions, projections=np.array([{"arm": "AP", "hip": "LAT", "leg": "PA"}[r]
+                                                      for r in with_regions.regions], dtype=object))
+    result = fit(fs, cv="projection", balance="projection", threshold="balanced_accuracy", **FAST)
+    assert result.cv_by == "projection" and list(result.cv_by_value) == ["AP", "LAT", "PA"]
+    assert result.balance == "projection"
+    assert result.by_value_text().splitlines()[0].startswith("held-out projection")
+    args = build_parser().parse_args(["fit", "store", "--out", "m", "--cv", "projection", "--balance", "projection"])
+    assert args.cv == "projection" and args.balance == "projection"
