@@ -9,6 +9,7 @@ Public API (everything else lives in private modules)::
     from fracfeat import explain  # where the model looks: a heatmap per image
     from fracfeat import tune_worker  # another process joining fit's study on a shared storage
     from fracfeat import calibrate  # time the extraction paths this machine has; "auto" uses the fastest
+    from fracfeat import quantize  # an int8 backbone from your images (NNCF), for extract(quantized=DIR)
 
 Importing fracfeat is cheap: TensorFlow/Keras, XGBoost, Optuna and matplotlib load only when used.
 """
@@ -33,6 +34,7 @@ from ._model_io import load_model, save_model
 from ._path_choice import calibrate
 from ._predict import predict
 from ._presets import Preset, presets
+from ._quantize import quantize
 from ._report import report
 from ._run import RunResult, run
 from ._store import FeatureStore
@@ -47,6 +49,7 @@ __all__ = [
     "predict",
     "explain",
     "calibrate",
+    "quantize",
     "load_model",
     "save_model",
     "report",

@@ -33,7 +33,7 @@ from ._hardware import Hardware, choose_precision_and_runtime
 from ._images import CROPS, DECODE_RECIPE, INTENSITIES, TRUNCATED_POLICIES, clahe_library
 from ._views import check_view
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 RUNTIMES = ("auto", "keras", "openvino")
 
 # Bump when a code change alters features for identical settings, so old cache rows stop matching.
@@ -80,8 +80,8 @@ class ExtractorSettings:
     image_size: int | None = option(None, "square input size in pixels (default: the backbone's, e.g. 224)",
                                     metavar="N", cli_type=int)
     pooling: str = option("avg", "global pooling of the last convolution map: avg, max, or none to flatten it")
-    precision: str = option("auto", "auto, float32, bfloat16 or float16: auto picks the fastest correct one for the "
-                                    "backbone and hardware")
+    precision: str = option("auto", "auto, float32, bfloat16, float16 or int8: auto picks the fastest correct one for "
+                                    "the backbone and hardware (int8 only given quantized=)")
     runtime: str = option("auto", "auto, keras or openvino")
     truncated: str = option("read", "truncated image files: read what is there (flagged per row) or record "
                                     "them as failures", choices=TRUNCATED_POLICIES, per_part=False)
@@ -118,6 +118,8 @@ class ExtractorSettings:
     preprocessing: str = option("auto", "input preprocessing: auto (the backbone's own), caffe, tf ([-1, 1]), torch, "
                                         "raw-0-255 or scale-0-1 ([0, 1]); backbone=keras must declare it",
                                 metavar="MODE")
+    quantized: str | None = option(None, "an int8 model `fracfeat quantize` made for these settings (its folder): "
+                                         "precision int8 on OpenVINO, its own store entry", off="", metavar="DIR")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -158,6 +160,9 @@ class ExtractorSettings:
         pooling = resolve_pooling(self.pooling)
         precision = check_choice("precision", self.precision, PRECISIONS)
         runtime = check_choice("runtime", self.runtime, RUNTIMES)
+        int8 = bool(self.quantized) or precision == "int8"
+        if int8:
+            precision, runtime = check_int8(precision, runtime, self.quantized)
         truncated = check_choice("truncated", self.truncated, TRUNCATED_POLICIES)
         tiles, scales = check_tiles(self.tiles), check_scales(spec, self.scales)
         if tiles > 1 and scales:
@@ -183,8 +188,9 @@ class ExtractorSettings:
             resolved = None if weights_identity is not None else resolve_weights(spec, weights)
         if runtime == "auto" and not spec.runtime_measured:
             runtime = "keras"  # the "auto" table holds measured backbones only; Keras runs every model
-        precision, runtime = choose_precision_and_runtime(spec, precision, runtime, hardware, calibration=dict(
-            settings=self, image_size=image_size, weights=weights, resolved=resolved, identity=weights_identity))
+        if not int8:
+            precision, runtime = choose_precision_and_runtime(spec, precision, runtime, hardware, calibration=dict(
+                settings=self, image_size=image_size, weights=weights, resolved=resolved, identity=weights_identity))
         config = ExtractorConfig(
             backbone=spec.name, image_size=image_size, pooling=pooling, precision=precision, runtime=runtime,
             truncated=truncated, tiles=tiles, scales=scales, layers=layers, view=view, crop=crop, intensity=intensity,
@@ -193,6 +199,10 @@ class ExtractorSettings:
             preprocessing=resolve_preprocessing(spec, self.preprocessing),
             weights=str(weights_identity) if resolved is None else resolved.identity,
         )
+        if self.quantized:
+            from ._quantize import resolve_quantized  # it imports this module
+
+            config = dataclasses.replace(config, quantized=resolve_quantized(self.quantized, config))
         return config, resolved
 
 
@@ -373,6 +383,19 @@ def check_layers(spec, pooling: str, layers) -> tuple:
                           f"channel, and pooling='none' keeps maps whole (of a different size per layer); "
                           f"pass pooling='avg' or 'max', or leave layers out")
     return names
+
+
+def check_int8(precision: str, runtime: str, quantized) -> tuple[str, str]:
+    """("int8", "openvino") for ``quantized=`` (precision "auto" or "int8"), a ConfigError for the rest."""
+    make = "make one with `fracfeat quantize IMAGES --out DIR` (fracfeat.quantize) and pass quantized=DIR"
+    if not quantized:
+        raise ConfigError(f"precision='int8' needs a quantized model of these settings: {make}")
+    if precision not in ("auto", "int8"):
+        raise ConfigError(f"quantized= runs the int8 model, not precision={precision!r}: drop precision= (or pass "
+                          f"'int8'), or drop quantized= for {precision}")
+    if runtime == "keras":
+        raise ConfigError("int8 runs on OpenVINO only, not runtime='keras': drop runtime= (or pass 'openvino')")
+    return "int8", "openvino"
 
 
 def check_choice(name: str, value, choices) -> str:

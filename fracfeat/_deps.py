@@ -20,6 +20,7 @@ _INSTALL_HINT = {
     "optuna": "pip install optuna",
     "cv2": "pip install 'fracfeat[clahe]' (or: pip install opencv-python-headless)",
     "pydicom": "pip install 'fracfeat[dicom]' (pydicom and its JPEG, JPEG 2000 and RLE decoders)",
+    "nncf": "pip install 'fracfeat[int8]' (or: pip install nncf)",
 }
 
 

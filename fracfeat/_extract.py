@@ -24,7 +24,7 @@ from ._hardware import preferred_batch_size
 from ._images import UnreadableFileError, failure_kind, sha256_of_file
 from ._presets import preset_defaults
 from ._progress import progress_bar
-from ._runtimes import keras_versions
+from ._runtimes import keras_versions, kept_quantized
 from ._sources import ROW_METADATA, load_records
 from ._store import FeatureStore, StoreWriter, records_sha256, utc_now
 from ._version import __version__
@@ -412,6 +412,8 @@ def _commit(writer: StoreWriter, plan: _Plan, config, resolved_weights, engine_v
         **config.as_dict(),
         "weights_kind": resolved_weights.kind,
         "weights_path": resolved_weights.path or "",
+        # An int8 extractor: how its model was quantized (quantization.json: calibration images, NNCF options).
+        **({"quantization": kept_quantized(config.quantized)[1]} if config.quantized else {}),
         "fingerprint": fingerprint,
         **_runtime_versions(engine_versions, writer, fingerprint),
         "python_version": platform.python_version(),

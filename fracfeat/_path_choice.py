@@ -20,6 +20,16 @@ When "auto" calibrates on its own (:func:`calibrated_path`, environment variable
   or runtime only filters a cached decision's rows.
 - ``always``: calibrate on first use at every input size (real weights still required).
 - ``off``: the hand tables only, as before calibration existed.
+
+int8 (a model :func:`fracfeat.quantize` made from the user's images, ``quantized=DIR``) is timed only
+beside that model (``calibrate(quantized=DIR)``, ``fracfeat calibrate --quantized DIR``) and "auto"
+never picks it: its features depend on the calibration images the user chose. Its bound,
+``MIN_COSINE["int8"] = 0.98``, comes from VGG16 (ImageNet weights, 224 px) quantized by NNCF 3.4.0
+(preset performance, fast bias correction) on 300 FracAtlas radiographs: per-image cosine to float32
+Keras on 200 other FracAtlas images min 0.9936, 1st percentile 0.9952, median 0.9991; on 100 HBFMID
+images (another source) min 0.9878, 1st percentile 0.9903, median 0.9992 (bfloat16/openvino on the
+same images: min 0.9999). 0.98 sits below every image measured, so a sound int8 model agrees and a
+broken one does not (``python benchmarks/int8.py agreement``, benchmarks/results/int8_agreement.json).
 """
 
 from __future__ import annotations
@@ -51,9 +61,9 @@ ENV = "FRACFEAT_CALIBRATE"
 MODES = ("auto", "always", "off")
 # Below this side "auto" keeps the tables unless a decision is cached (or FRACFEAT_CALIBRATE=always).
 MIN_AUTO_CALIBRATION_SIDE = 160
-# Per-image cosine similarity to float32 Keras a candidate must reach, per precision. An int8 candidate
-# (a quantized OpenVINO model) goes in candidate_paths with its own, documented bound here.
-MIN_COSINE = {"float32": 0.999, "bfloat16": 0.999}
+# Per-image cosine similarity to float32 Keras a candidate must reach, per precision (int8: measured in
+# the module docstring).
+MIN_COSINE = {"float32": 0.999, "bfloat16": 0.999, "int8": 0.98}
 REFERENCE = ("float32", "keras")
 DEFAULT_IMAGES = 16  # a multiple of every runner's fixed chunk (Keras 8, OpenVINO 4 per request)
 DEFAULT_REPEATS = 3
@@ -72,8 +82,8 @@ def candidate_paths(hardware: Hardware | None = None) -> list[tuple[str, str]]:
     """(precision, runtime) pairs worth timing on this CPU, float32 Keras (the reference) first."""
     hw = Hardware.detect() if hardware is None else hardware
     precisions = ["float32"] + (["bfloat16"] if hw.cpu_bfloat16 else [])
-    # int8 goes here, where the CPU has VNNI or AMX (SPEED_FLAGS), once a quantized OpenVINO model can be
-    # built (NNCF): its own runner in fracfeat._runtimes and its own documented bound in MIN_COSINE.
+    # int8 is not a candidate of its own: its features depend on the calibration images the user chose, so
+    # it is timed only beside the user's model (calibrate(quantized=DIR)) and never picked by "auto" (choose).
     runtimes = ["keras"] + (["openvino"] if hw.openvino else [])
     return [(p, r) for p in precisions for r in runtimes]
 
@@ -177,8 +187,9 @@ def agrees(row: dict, min_cosine: float | None = None) -> bool:
 def choose(rows: list[dict], precision: str = "auto", runtime: str = "auto",
            min_cosine: float | None = None) -> dict | None:
     """The fastest row that agrees with float32 Keras and matches a forced precision/runtime; None if none."""
-    fits = [r for r in rows if agrees(r, min_cosine) and precision in ("auto", r["precision"])
-            and runtime in ("auto", r["runtime"])]
+    # int8 features depend on the calibration images the user chose: only ever by quantized= (never "auto").
+    fits = [r for r in rows if agrees(r, min_cosine) and runtime in ("auto", r["runtime"])
+            and (precision == r["precision"] or precision == "auto" and r["precision"] != "int8")]
     return max(fits, key=lambda r: r["images_per_s"]) if fits else None
 
 
@@ -193,7 +204,9 @@ def measure_paths(settings, weights, image_size: int, candidates: list[tuple[str
     for path in candidates:
         precision, runtime = path
         config, resolved = settings.replace(precision=precision, runtime=runtime, image_size=image_size, tiles=1,
-                                            scales=None, view=None).resolve(weights)
+                                            scales=None, view=None,
+                                            quantized=settings.quantized if precision == "int8" else None,
+                                            ).resolve(weights)
         runners[path] = build_runner(config, resolved)
         features[path] = runners[path](images)  # also the warm-up: graph tracing, compilation
     seconds = {path: [] for path in candidates}
@@ -228,7 +241,10 @@ def calibrate(backbone: str = "vgg16", weights="imagenet", image_size: int | Non
         raise ConfigError(f"calibrate needs at least 1 image and 1 repeat, got {n_images} and {repeats}: pass "
                           f"positive counts (defaults {DEFAULT_IMAGES} and {DEFAULT_REPEATS})")
     base = ExtractorSettings.from_kwargs("calibrate", backbone=backbone, image_size=image_size, **settings)
-    config, resolved = base.replace(precision="float32", runtime="keras").resolve(weights)
+    config, resolved = base.replace(precision="float32", runtime="keras", quantized=None).resolve(weights)
+    if base.quantized:  # the user's int8 model: its row beside the others (timed and checked alike)
+        base.replace(precision="int8", runtime="openvino").resolve(weights, weights_identity=resolved.identity)
+        candidates = [*(candidates or candidate_paths()), ("int8", "openvino")]
     return _measure_and_record(base, config.image_size, weights, resolved.identity, n_images=n_images,
                                repeats=repeats, candidates=candidates, machine=machine, versions=versions)
 

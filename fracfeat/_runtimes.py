@@ -7,6 +7,7 @@ the one an extractor config names. Nothing here knows how images are decoded or 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -21,13 +22,14 @@ import numpy as np
 from ._backbones import CAFFE_MEAN_BGR, TORCH_MEAN_RGB, TORCH_STD_RGB, ResolvedWeights, backbone_spec, build_backbone
 from ._config import ExtractorConfig
 from ._deps import require, require_keras
+from ._errors import WeightsError
 from ._hardware import keras_chunk_size
 from ._images import sha256_of_file
 
 log = logging.getLogger("fracfeat")
 
 
-def _build_feature_model(config: ExtractorConfig, weights: ResolvedWeights):
+def build_feature_model(config: ExtractorConfig, weights: ResolvedWeights):
     """uint8 (n, s, s, 3) RGB -> float32 (n, d) features, preprocessing inside the graph."""
     keras = require_keras()
     from keras import layers, ops
@@ -195,6 +197,41 @@ def _check_cache_entry(entry: Path) -> None:
 OPENVINO_IMAGES_PER_REQUEST = 4
 
 
+def float32_openvino_model(config: ExtractorConfig, build_float32_model):
+    """The float32 OpenVINO model of ``config``'s extractor (whatever its precision) and the versions that
+    traced it: read from the content-verified cache under :func:`cache_dir`, else converted from the Keras
+    model ``build_float32_model()`` makes, and cached. :func:`fracfeat.quantize` quantizes this very model.
+    """
+    ov = require("openvino", why="runtime='openvino'")
+    root = cache_dir() / "openvino"
+    # The converted graph is float32 whatever the precision hint: one entry serves every precision.
+    float32 = dataclasses.replace(config, precision="float32", runtime="openvino", quantized="")
+    key = f"{float32.fingerprint[:24]}-ov{ov.__version__.split('-')[0]}"
+    xml = root / key / "model.xml"
+    ov_model, versions = None, None
+    if xml.is_file():
+        try:
+            _check_cache_entry(xml.parent)
+            ov_model = ov.Core().read_model(str(xml))
+        except Exception as e:  # a damaged cache entry is rebuilt, never fatal
+            log.warning("ignoring unreadable OpenVINO cache %s (%s: %s)", xml.parent, type(e).__name__, e)
+        # The Keras/TensorFlow that traced the graph, recorded at conversion: reading them back
+        # spares importing TensorFlow (~0.7 GB, seconds) in runs that only need the cached model.
+        try:
+            versions = json.loads((xml.parent / "versions.json").read_text())
+        except (OSError, ValueError):
+            ov_model = None
+        if ov_model is None:
+            shutil.rmtree(xml.parent, ignore_errors=True)  # make room for a sound entry
+    if ov_model is None:
+        t = time.perf_counter()
+        ov_model = _keras_to_openvino(ov, build_float32_model())
+        versions = keras_versions()
+        log.info("converted %s to OpenVINO in %.1fs", config.backbone, time.perf_counter() - t)
+        OpenVINORunner._save(ov, ov_model, versions, root, key)
+    return ov_model, {**versions, "openvino_version": ov.__version__}
+
+
 class OpenVINORunner:
     """Runs the feature model compiled by OpenVINO for this CPU.
 
@@ -204,44 +241,25 @@ class OpenVINORunner:
     """
 
     def __init__(self, config: ExtractorConfig, build_float32_model):
-        ov = require("openvino", why="runtime='openvino'")
         self.config = config
-        core = ov.Core()
-        root = cache_dir() / "openvino"
-        # The converted graph is float32 whatever the precision hint: one entry serves every precision.
-        float32 = dataclasses.replace(config, precision="float32")
-        key = f"{float32.fingerprint[:24]}-ov{ov.__version__.split('-')[0]}"
-        xml = root / key / "model.xml"
-        ov_model = None
-        if xml.is_file():
-            try:
-                _check_cache_entry(xml.parent)
-                ov_model = core.read_model(str(xml))
-            except Exception as e:  # a damaged cache entry is rebuilt, never fatal
-                log.warning("ignoring unreadable OpenVINO cache %s (%s: %s)", xml.parent, type(e).__name__, e)
-            # The Keras/TensorFlow that traced the graph, recorded at conversion: reading them back
-            # spares importing TensorFlow (~0.7 GB, seconds) in runs that only need the cached model.
-            try:
-                self._versions = json.loads((xml.parent / "versions.json").read_text())
-            except (OSError, ValueError):
-                ov_model = None
-            if ov_model is None:
-                shutil.rmtree(xml.parent, ignore_errors=True)  # make room for a sound entry
-        if ov_model is None:
-            t = time.perf_counter()
-            ov_model = _keras_to_openvino(ov, build_float32_model())
-            self._versions = keras_versions()
-            log.info("converted %s to OpenVINO in %.1fs", config.backbone, time.perf_counter() - t)
-            self._save(ov, ov_model, self._versions, root, key)
-        self._versions = {**self._versions, "openvino_version": ov.__version__}
+        ov_model, self._versions = float32_openvino_model(config, build_float32_model)
+        self._compile(ov_model, _OV_PRECISION[config.precision])
+
+    def _compile(self, ov_model, precision_hint: str) -> None:
+        ov = require("openvino", why="runtime='openvino'")
         # THROUGHPUT: one stream per few cores, each running its share of a batch single-threaded.
         # Measured side by side on 2 cores, it beat LATENCY (all cores on one request) 2x for
         # EfficientNetB2, whose depthwise convolutions split poorly across threads, and matched it
         # for ResNet50/VGG16.
-        properties = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[config.precision], "PERFORMANCE_HINT": "THROUGHPUT"}
-        self.compiled = core.compile_model(ov_model, "CPU", properties)
+        properties = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "THROUGHPUT"}
+        self.compiled = ov.Core().compile_model(ov_model, "CPU", properties)
         n_requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self._requests = [self.compiled.create_infer_request() for _ in range(n_requests)]
+        # A queue of requests: each takes the next OPENVINO_IMAGES_PER_REQUEST images as soon as it is free, so
+        # a stream slowed by a decode thread never holds the others back (they waited for each other on
+        # every chunk before: +3% ResNet50 images/s in an A/B, features bit-identical).
+        self._queue = ov.AsyncInferQueue(self.compiled, n_requests)
+        self._queue.set_callback(self._keep_output)
+        self._outputs: list = []
         self.chunk_size = OPENVINO_IMAGES_PER_REQUEST * n_requests
 
     @staticmethod
@@ -267,17 +285,116 @@ class OpenVINORunner:
     def versions(self) -> dict:
         return dict(self._versions)
 
+    def _keep_output(self, request, slot: int) -> None:
+        self._outputs[slot] = request.get_output_tensor(0).data.copy()  # the request's buffer is reused
+
     def _call(self, chunk: np.ndarray) -> np.ndarray:
-        # The chunk is split evenly across the streams' requests, which run concurrently; share_inputs
-        # lets OpenVINO read the caller's buffer in place (safe: we wait for every request).
-        for request, part in zip(self._requests, np.split(chunk, len(self._requests))):
-            request.start_async({0: part}, share_inputs=True)
-        for request in self._requests:
-            request.wait()
-        return np.concatenate([request.get_output_tensor(0).data for request in self._requests])
+        # Every OPENVINO_IMAGES_PER_REQUEST images go to the next free request of the queue; the streams run
+        # concurrently. share_inputs lets OpenVINO read the caller's buffer in place (safe: wait_all below).
+        parts = np.split(chunk, len(chunk) // OPENVINO_IMAGES_PER_REQUEST)
+        self._outputs = [None] * len(parts)
+        for slot, part in enumerate(parts):
+            self._queue.start_async({0: part}, slot, share_inputs=True)
+        self._queue.wait_all()
+        return np.concatenate(self._outputs)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return run_in_chunks(self._call, batch, self.chunk_size, self.n_features)
+        # The whole batch in one call, padded with black images to whole requests: each request still runs
+        # exactly OPENVINO_IMAGES_PER_REQUEST images (one shape, see run_in_chunks), and no stream waits for
+        # another between chunks.
+        whole = -(-max(len(batch), 1) // OPENVINO_IMAGES_PER_REQUEST) * OPENVINO_IMAGES_PER_REQUEST
+        return run_in_chunks(self._call, batch, whole, self.n_features)
+
+
+QUANTIZATION_FILE = "quantization.json"
+INT8_IDENTITY = "int8:sha256:"
+INT8_FORMAT = ("fracfeat-int8", 1)
+# OpenVINO's inference precision hint for the ops NNCF leaves unquantized (preprocessing, pooling). On a
+# Zen 4 with bfloat16, VGG16's int8 features were bitwise identical under "f32" and "bf16", and as fast
+# (9.6 vs 9.4 images/s, medians of 5 interleaved repeats of 16 images, load average 7-8: mechanism only);
+# "f32" then keeps int8 features the same on CPUs without bfloat16. benchmarks/int8.py times both.
+INT8_PRECISION_HINT = "f32"
+
+
+def quantized_identity(folder) -> str:
+    """``int8:sha256:<hex>``: the sha256 of model.xml's bytes followed by model.bin's, the model's identity."""
+    digest = hashlib.sha256()
+    for name in ("model.xml", "model.bin"):
+        with open(Path(folder) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return INT8_IDENTITY + digest.hexdigest()
+
+
+def read_quantized(folder) -> dict:
+    """quantization.json of a folder ``fracfeat quantize`` wrote, once its model files match the identity it
+    records; a :class:`WeightsError` naming the folder and the fix otherwise (never a model that would give
+    wrong features)."""
+    folder = Path(folder)
+    fix = "pass the folder `fracfeat quantize IMAGES --out DIR` wrote, or quantize again"
+    try:
+        record = json.loads((folder / QUANTIZATION_FILE).read_text())
+        fmt = (record["format"], record["format_version"]), record["identity"]
+    except FileNotFoundError:
+        raise WeightsError(f"quantized={str(folder)!r} holds no {QUANTIZATION_FILE}: {fix}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"quantized={str(folder)!r}: {QUANTIZATION_FILE} cannot be read ({e}): {fix}") from None
+    if fmt[0] != INT8_FORMAT:
+        raise WeightsError(f"quantized={str(folder)!r} is format {fmt[0]}, not {INT8_FORMAT} that this fracfeat reads: "
+                           f"quantize again with this version")
+    try:
+        identity = quantized_identity(folder)
+    except OSError as e:
+        raise WeightsError(f"quantized={str(folder)!r}: cannot read its model ({e}): {fix}") from None
+    if identity != fmt[1]:
+        raise WeightsError(f"quantized={str(folder)!r}: model.xml/model.bin do not match the sha256 {QUANTIZATION_FILE} "
+                           f"records ({identity[:24]}... here, {fmt[1][:24]}... recorded): the files were damaged or "
+                           f"edited; {fix}")
+    return record
+
+
+def _int8_root() -> Path:
+    return cache_dir() / "int8"
+
+
+def keep_quantized(folder, record: dict) -> Path:
+    """Copy a verified quantized model into the cache (``<cache>/int8/<hex>``, by identity), so a runner, a
+    store version's extractor or a saved Pipeline finds it by identity alone on this machine."""
+    entry = _int8_root() / record["identity"].rsplit(":", 1)[-1]
+    if (entry / QUANTIZATION_FILE).is_file() or Path(folder).resolve() == entry.resolve():
+        return entry
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name[:16]}-", dir=entry.parent))
+    try:
+        for name in ("model.xml", "model.bin", QUANTIZATION_FILE):
+            shutil.copyfile(Path(folder) / name, tmp / name)
+        os.replace(tmp, entry)  # atomic: a reader sees a whole entry or none
+    except OSError:  # another process kept it first (or the cache is unwritable: the runner says so)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def kept_quantized(identity: str) -> tuple[Path, dict]:
+    """The cached, verified folder of the quantized model ``identity`` names, and its record."""
+    entry = _int8_root() / identity.rsplit(":", 1)[-1]
+    if not (entry / QUANTIZATION_FILE).is_file():
+        raise WeightsError(f"the int8 model {identity[:28]}... is not on this machine (not in {_int8_root()}): pass "
+                           f"the folder `fracfeat quantize` wrote once more: quantized=DIR or --quantized DIR (a "
+                           f"loaded Pipeline: pipeline.set_params(features__quantized=DIR))")
+    return entry, read_quantized(entry)
+
+
+class Int8Runner(OpenVINORunner):
+    """Runs an int8 model made by :func:`fracfeat.quantize` (NNCF), found by ``config.quantized``'s identity
+    in the cache and verified byte for byte; compiled and called as :class:`OpenVINORunner` does."""
+
+    def __init__(self, config: ExtractorConfig):
+        ov = require("openvino", why="precision='int8'")
+        self.config = config
+        folder, record = kept_quantized(config.quantized)
+        self._versions = {**record.get("traced_with", {}), "openvino_version": ov.__version__,
+                          "nncf_version": record.get("nncf_version", "")}
+        self._compile(ov.Core().read_model(str(folder / "model.xml")), INT8_PRECISION_HINT)
 
 
 def build_runner(config: ExtractorConfig, weights: ResolvedWeights):
@@ -286,10 +403,12 @@ def build_runner(config: ExtractorConfig, weights: ResolvedWeights):
     OpenVINO converts the float32 Keras model (built only when its cache has no entry) and applies
     the precision as an inference hint; Keras builds the model under the precision's dtype policy.
     """
+    if config.precision == "int8":
+        return Int8Runner(config)
     if config.runtime == "openvino":
         float32 = dataclasses.replace(config, precision="float32")
-        return OpenVINORunner(config, lambda: _build_feature_model(float32, weights))
-    return KerasRunner(_build_feature_model(config, weights), keras_chunk_size())
+        return OpenVINORunner(config, lambda: build_feature_model(float32, weights))
+    return KerasRunner(build_feature_model(config, weights), keras_chunk_size())
 
 
 def build_map_model(config: ExtractorConfig, weights: ResolvedWeights):
@@ -297,7 +416,7 @@ def build_map_model(config: ExtractorConfig, weights: ResolvedWeights):
 
     One (n, h, w, channels) output per layer of ``config.layers``, then the final one: the order the
     feature model concatenates their pooled values in. Same backbone, weights and preprocessing as
-    :func:`_build_feature_model`, built in float32 whatever ``config.precision`` (for explanations).
+    :func:`build_feature_model`, built in float32 whatever ``config.precision`` (for explanations).
     """
     keras = require_keras()
     from keras import ops

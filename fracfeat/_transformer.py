@@ -21,6 +21,8 @@ from ._backbones import is_keras_model, model_object_weights
 from ._config import ExtractorConfig, ExtractorSettings, settings_doc
 from ._engine import FeatureEngine, verified_weights
 from ._errors import ConfigError, UnreadableImagesError, check_finite_rows
+from ._quantize import resolve_quantized
+from ._runtimes import INT8_IDENTITY
 
 
 class DeepFeatures(TransformerMixin, BaseEstimator):
@@ -199,6 +201,13 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
     def engine(self):
         """The feature engine, built (and its weights verified) on first use."""
         check_is_fitted(self, "config_")
+        folder = self.quantized if self.config_.quantized and self.quantized else None
+        if folder is not None and folder != getattr(self, "_quantized_kept", None) and \
+                not str(folder).startswith(INT8_IDENTITY):
+            # A folder given since (set_params on the machine a model moved to): verified, kept in the cache,
+            # and the runners that could not find the model are built again.
+            resolve_quantized(folder, self.config_)
+            self._quantized_kept, self._engine = folder, None
         if getattr(self, "_engine", None) is None:
             weights = self.weights
             if is_keras_model(self.backbone):  # the object as it is now: trained further since fit, it is refused
@@ -210,6 +219,7 @@ class DeepFeatures(TransformerMixin, BaseEstimator):
         # The Keras model stays out of the pickle; it is rebuilt (and re-verified) after loading.
         state = dict(super().__getstate__())  # a copy: object.__getstate__ returns the live __dict__
         state.pop("_engine", None)
+        state.pop("_quantized_kept", None)  # verified again where the model is loaded
         return state
 
     def __sklearn_tags__(self):

@@ -36,6 +36,10 @@ from ._path_choice import DEFAULT_IMAGES, DEFAULT_REPEATS, MIN_COSINE, cache_fil
 from ._plots import format_value
 from ._predict import predict
 from ._presets import presets
+from ._quantize import DEFAULT_IMAGES as QUANTIZE_IMAGES
+from ._quantize import NOT_SETTINGS as NOT_QUANTIZE_SETTINGS
+from ._quantize import PRESETS as QUANTIZE_PRESETS
+from ._quantize import quantize
 from ._recalibrate import recalibrate
 from ._report import report
 from ._run import run
@@ -511,6 +515,22 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    settings = _given(**{name: getattr(args, name, None) for name in ExtractorSettings.names()
+                         if name not in NOT_QUANTIZE_SETTINGS})
+    record = quantize(args.images, args.out, weights="imagenet" if args.weights is None else args.weights, n=args.n,
+                      preset=args.quantize_preset, fast_bias_correction=not args.full_bias_correction, **settings)
+    if args.json:
+        _print_json(record)
+        return 0
+    cal = record["calibration"]
+    print(f"{record['identity']}  {args.out}")
+    print(f"{record['extractor']['backbone']} {record['extractor']['image_size']}px, calibrated on {cal['n_used']} "
+          f"images ({cal['n_failed']} failed) with NNCF {record['nncf_version']} in {record['seconds']:.0f} s; "
+          f"extract with --quantized {args.out}")
+    return 0
+
+
 def print_calibration(decision: dict) -> None:
     """The table `fracfeat calibrate` prints: each path's images/s and agreement, the chosen one starred."""
     backbone = decision["key"]["backbone"]
@@ -524,7 +544,8 @@ def print_calibration(decision: dict) -> None:
     machine = decision["key"]["machine"]
     use = ("\"auto\" does not use choices made with random weights" if backbone["weights"].startswith("random")
            else "\"auto\" uses this choice from now on")
-    print(f"\nagrees: cosine to float32/keras >= {min(MIN_COSINE.values())} on every image. CPU: {machine['cpu']} "
+    int8 = f" (int8: >= {MIN_COSINE['int8']})" if any(r["precision"] == "int8" for r in decision["rows"]) else ""
+    print(f"\nagrees: cosine to float32/keras >= {MIN_COSINE['float32']}{int8} on every image. CPU: {machine['cpu']} "
           f"({machine['cores']} cores; {' '.join(machine['cpu_flags'])}). {use} (cached in {cache_file()})")
 
 
@@ -760,6 +781,25 @@ def _add_calibrate_command(sub, common) -> None:
     p.set_defaults(func=cmd_calibrate)
 
 
+def _add_quantize_command(sub, common) -> None:
+    p = sub.add_parser("quantize", parents=[common], help="quantize a backbone to int8 from your images (NNCF)",
+                       description="Quantize the float32 OpenVINO feature model to int8 with NNCF, calibrated on "
+                                   "up to N of IMAGES (no labels used), into the folder --out: model.xml, model.bin "
+                                   "and quantization.json. Extract with --quantized DIR (precision int8).")
+    p.add_argument("images", help="folder, CSV manifest, or image file: images of the kind you will extract")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder for the int8 model")
+    p.add_argument("--n", type=int, default=QUANTIZE_IMAGES, metavar="N",
+                   help=f"calibration images: the N of smallest content sha256 that decode (default {QUANTIZE_IMAGES})")
+    p.add_argument("--quantize-preset", default="performance", choices=QUANTIZE_PRESETS,
+                   help="NNCF's preset: performance (symmetric activations) or mixed (default: performance)")
+    p.add_argument("--full-bias-correction", action="store_true",
+                   help="NNCF's full bias correction instead of its fast one (slower)")
+    _add_settings_options(p.add_argument_group("the extractor to quantize (as extract's options)"),
+                          skip=NOT_QUANTIZE_SETTINGS)
+    _json_option(p)
+    p.set_defaults(func=cmd_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(suppress=True)
     parser = argparse.ArgumentParser(
@@ -772,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_command in (_add_extract_command, _add_store_command, _add_fit_command, _add_evaluate_command,
                         _add_predict_command, _add_run_command, _add_presets_command, _add_adapt_command,
                         _add_recalibrate_command, _add_tune_worker_command, _add_explain_command,
-                        _add_backbones_command, _add_calibrate_command):
+                        _add_backbones_command, _add_calibrate_command, _add_quantize_command):
         add_command(sub, common)
     return parser
 
