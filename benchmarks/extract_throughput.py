@@ -5,10 +5,8 @@ For each backbone, on the same FracAtlas JPEGs, in one run:
 - ``baseline``: the seed recipes' way: each file opened at full size with PIL, resized, preprocessed,
   ``model.predict`` on one image at a time, float32 Keras (decode + predict, per image);
 - ``extract``: ``fracfeat.extract`` end to end (files in, store version out, a fresh store each
-  repeat, default settings: "auto" precision/runtime, engine-chosen batch size), model setup included;
-  ``extract_before`` in the same repeats, alternating with it: the engine as it was before it decoded
-  ahead while building the model (``FeatureEngine.build_ahead_bytes = 0``), to show what that gains;
-  both as a share of the chosen path's forward-only rate;
+  repeat, default settings: "auto" precision/runtime, engine-chosen batch size), model setup included,
+  and as a share of the chosen path's forward-only rate;
 - ``forward``: forward-only on already decoded uint8 batches, for float32 Keras and every other path
   asked for (default: float32 OpenVINO and whatever "auto" picks), to show what decoding and I/O cost;
 - ``decode``: fracfeat's decode pipeline alone (threads, JPEG draft mode);
@@ -127,35 +125,21 @@ def bench_baseline(backbone: str, paths: list[str], repeats: int) -> dict:
     return out
 
 
-def bench_extract(backbone: str, paths: list[str], repeats: int, workdir: Path) -> tuple[dict, dict]:
-    """fracfeat.extract end to end into a fresh store per repeat (default settings), and the same with the
-    engine's decode-ahead while building the model turned off, alternating (the same load for both)."""
+def bench_extract(backbone: str, paths: list[str], repeats: int, workdir: Path) -> dict:
+    """fracfeat.extract end to end into a fresh store per repeat (default settings)."""
     from fracfeat import extract
-    from fracfeat._engine import FeatureEngine
 
     extract(paths[:4], backbone=backbone, weights=weights_for(backbone), store=workdir / "warmup", progress=False)
-    build_ahead = FeatureEngine.build_ahead_bytes
-    runs = {build_ahead: ([], []), 0: ([], [])}
-    rows = {}
-    try:
-        for r in range(repeats):
-            for setting, (seconds, compute) in runs.items():
-                FeatureEngine.build_ahead_bytes = setting
-                t = time.perf_counter()
-                fs = extract(paths, backbone=backbone, weights=weights_for(backbone),
-                             store=workdir / f"store{r}-{setting}", progress=False)
-                seconds.append(time.perf_counter() - t)
-                compute.append(fs.provenance["compute_seconds"])
-                assert len(fs) == len(paths), f"{len(paths) - len(fs)} images failed: {fs.failures[:3]}"
-                rows.setdefault(setting, fs.X)
-    finally:
-        FeatureEngine.build_ahead_bytes = build_ahead
-    assert np.array_equal(rows[build_ahead], rows[0]), "decoding ahead while building changed the features"
-    after, before = ({**median_rate(len(paths), seconds), "precision": fs.provenance["precision"],
-                      "runtime": fs.provenance["runtime"], "build_ahead_bytes": setting,
-                      "compute_seconds_median": round(statistics.median(compute), 3)}
-                     for setting, (seconds, compute) in runs.items())
-    return after, before
+    seconds, compute = [], []
+    for r in range(repeats):
+        t = time.perf_counter()
+        fs = extract(paths, backbone=backbone, weights=weights_for(backbone), store=workdir / f"store{r}",
+                     progress=False)
+        seconds.append(time.perf_counter() - t)
+        compute.append(fs.provenance["compute_seconds"])
+        assert len(fs) == len(paths), f"{len(paths) - len(fs)} images failed: {fs.failures[:3]}"
+    return {**median_rate(len(paths), seconds), "precision": fs.provenance["precision"],
+            "runtime": fs.provenance["runtime"], "compute_seconds_median": round(statistics.median(compute), 3)}
 
 
 def decoded_batch(backbone: str, paths: list[str], repeats: int) -> tuple[np.ndarray, dict]:
@@ -314,16 +298,14 @@ def _share(rate: float, r: dict, precision: str) -> str:
 def print_comparison(backbone: str, r: dict) -> None:
     """fracfeat against what a user would run instead, side by side, and the ratios (kept in ``r``)."""
     chosen = r["forward"].get(r.get("auto_path", ""))
-    e2e, before = r["extract"]["images_per_s"], r["extract_before"]["images_per_s"]
+    e2e = r["extract"]["images_per_s"]
     c = r["comparison"] = {"keras_predict": r["keras_predict"]["images_per_s"],
                            "extract_over_keras_predict": round(e2e / r["keras_predict"]["images_per_s"], 2)}
     print(f"  {backbone} side by side (images/s, the same {r['gflop_per_image']:.2f} GFLOP/image for every model):")
     if chosen:
-        c.update(extract_over_forward=round(e2e / chosen["images_per_s"], 3),
-                 before_over_forward=round(before / chosen["images_per_s"], 3))
+        c.update(extract_over_forward=round(e2e / chosen["images_per_s"], 3))
         print(f"    fracfeat extract e2e {e2e:.2f} = {c['extract_over_forward']:.0%} of its path's forward-only "
-              f"{chosen['images_per_s']:.2f} ({r['auto_path']}); before: {before:.2f} = "
-              f"{c['before_over_forward']:.0%}")
+              f"{chosen['images_per_s']:.2f} ({r['auto_path']})")
     print(f"    Keras model.predict {c['keras_predict']:.2f} (forward only): extract / predict "
           f"{c['extract_over_keras_predict']:.2f}x")
     peer = r["peer"]
@@ -412,10 +394,9 @@ def bench_backbone(backbone: str, paths: list[str], args, ceilings: dict, work: 
     print(f"{backbone}:", flush=True)
     r["baseline"] = bench_baseline(backbone, paths[:args.baseline_n], args.repeats)
     print(f"  baseline (seed loop)  {r['baseline']['images_per_s']:7.2f} img/s", flush=True)
-    r["extract"], r["extract_before"] = bench_extract(backbone, paths, args.repeats, work / backbone)
+    r["extract"] = bench_extract(backbone, paths, args.repeats, work / backbone)
     print(f"  extract end to end    {r['extract']['images_per_s']:7.2f} img/s "
-          f"({r['extract']['precision']}/{r['extract']['runtime']}); without decoding ahead while "
-          f"the model builds {r['extract_before']['images_per_s']:7.2f} img/s", flush=True)
+          f"({r['extract']['precision']}/{r['extract']['runtime']})", flush=True)
     pixels, r["decode"] = decoded_batch(backbone, paths, args.repeats)
     print(f"  decode only           {r['decode']['images_per_s']:7.2f} img/s", flush=True)
     peer_n = min(args.peer_n, args.n)

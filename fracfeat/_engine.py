@@ -7,14 +7,12 @@ The one code path every feature goes through: ``extract`` (into the store) and `
 The engine knows nothing of HDF5, nor of how a runtime runs the model (:mod:`fracfeat._runtimes`;
 the runners compute every image at one fixed batch shape, so ``batch_size`` never changes a
 feature). Decoding runs in a thread pool ahead of the model (Pillow and TensorFlow both release the
-GIL), so the CPU decodes the next batch while the backbone runs, and while the model is built the pool
-decodes further ahead (:attr:`FeatureEngine.build_ahead_bytes`).
+GIL), so the CPU decodes the next batch while the backbone runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -76,14 +74,6 @@ def tile_origins(size: int, tiles: int) -> list[tuple[int, int]]:
 class FeatureEngine:
     """A lazily built feature model plus the decode pipeline feeding it."""
 
-    # Decoded pixels the pool may hold ahead of the model while the model is built, in bytes. Building
-    # (reading and verifying the OpenVINO cache entry, compiling it; or tracing the Keras graph) keeps one
-    # core busy for 0.25 s (ResNet50) to 0.45 s (EfficientNetB2) on the first batch; in that time the other
-    # core decodes the next ~100-160 images, which then cost the running model no CPU. 0: the model is
-    # built on the first batch with only the usual two batches decoded ahead. The order of the work
-    # changes, never a pixel or a feature.
-    build_ahead_bytes = 32 * 2**20
-
     def __init__(self, config: ExtractorConfig, weights: ResolvedWeights):
         self.config = config
         self.weights = weights
@@ -96,22 +86,6 @@ class FeatureEngine:
             unit = dataclasses.replace(self.config, image_size=size, tiles=1, scales=(), view="")
             self._runners[size] = build_runner(unit, self.weights)
         return self._runners[size]
-
-    def build_runners(self) -> None:
-        """Build every runner this config needs now (else the first batch builds them)."""
-        for size in self._runner_sizes:
-            self.runner_for(size)
-
-    @property
-    def _runner_sizes(self) -> tuple[int, ...]:
-        return tuple(self.config.scales) or (self.config.image_size,)
-
-    def _build_ahead(self, lookahead: int) -> int:
-        """Images to decode ahead while the model is built (0: it is built, or build_ahead_bytes is 0)."""
-        if not self.build_ahead_bytes or all(size in self._runners for size in self._runner_sizes):
-            return 0
-        side = self.config.decode_size
-        return max(lookahead, self.build_ahead_bytes // (side * side * 3))
 
     @property
     def runner(self):
@@ -153,35 +127,32 @@ class FeatureEngine:
         return self._run(self.runner, batch)
 
     def iter_decoded(self, paths: Sequence[str], workers: int | None = None, lookahead: int = 64,
-                     sha256s: Sequence[str] | None = None, head: int = 0) -> Iterator[tuple[int, DecodedImage]]:
+                     sha256s: Sequence[str] | None = None) -> Iterator[tuple[int, DecodedImage]]:
         """Decode files in a thread pool, yielding results in input order.
 
         ``sha256s``: the hash each file had when it was looked up in the cache; a file whose bytes
         differ now is a failure (its features would otherwise be stored under the old hash).
-        ``head``: decode this many ahead at the start (more than ``lookahead``: see :func:`decode_ahead`).
         """
         recipe, policy = PixelRecipe.of(self.config), self.config.truncated
 
         def decode(i: int, path: str) -> DecodedImage:
             return load_image(path, recipe, policy, None if sha256s is None else sha256s[i])
 
-        yield from decode_ahead(paths, decode, workers, lookahead, head)
+        yield from _decode_ahead(paths, decode, workers, lookahead)
 
     def iter_decoded_arrays(self, images: Sequence[np.ndarray], workers: int | None = None,
-                            lookahead: int = 64, head: int = 0) -> Iterator[tuple[int, DecodedImage]]:
+                            lookahead: int = 64) -> Iterator[tuple[int, DecodedImage]]:
         """As :meth:`iter_decoded` for uint8 images in memory; a malformed one raises ``ValueError``."""
         recipe = PixelRecipe.of(self.config)
-        yield from decode_ahead(images, lambda i, image: DecodedImage(pixels_from_array(image, recipe)),
-                                workers, lookahead, head)
+        yield from _decode_ahead(images, lambda i, image: DecodedImage(pixels_from_array(image, recipe)),
+                                 workers, lookahead)
 
     def iter_features(
         self, paths: Sequence[str], batch_size: int = 32, strict: bool = False, workers: int | None = None,
         sha256s: Sequence[str] | None = None,
     ) -> Iterator[FeatureBatch]:
         """Yield a :class:`FeatureBatch` per ``batch_size`` decoded images, in input order."""
-        lookahead = max(2 * batch_size, 16)
-        decoded = self.iter_decoded(paths, workers=workers, lookahead=lookahead, sha256s=sha256s,
-                                    head=self._build_ahead(lookahead))
+        decoded = self.iter_decoded(paths, workers=workers, lookahead=max(2 * batch_size, 16), sha256s=sha256s)
         yield from self._batches(decoded, batch_size, strict, paths)
 
     def iter_array_features(self, images: Sequence[np.ndarray], batch_size: int = 32,
@@ -191,9 +162,7 @@ class FeatureEngine:
         Each image is resized (and given the config's view) as a decoded file is, then goes through
         the same batching and forward chunks, so an image and its file give the same features.
         """
-        lookahead = max(2 * batch_size, 16)
-        decoded = self.iter_decoded_arrays(images, workers=workers, lookahead=lookahead,
-                                           head=self._build_ahead(lookahead))
+        decoded = self.iter_decoded_arrays(images, workers=workers, lookahead=max(2 * batch_size, 16))
         yield from self._batches(decoded, batch_size, True, None)
 
     def _batches(self, decoded: Iterator[tuple[int, DecodedImage]], batch_size: int, strict: bool,
@@ -205,7 +174,7 @@ class FeatureEngine:
         idx: list[int] = []
         failures: list[tuple[int, str]] = []
         truncated: list[int] = []
-        for i, image in self._built_while_decoding(decoded):
+        for i, image in decoded:
             if image.pixels is None:
                 if strict:
                     name = paths[i] if paths is not None else f"image {i}"
@@ -225,45 +194,21 @@ class FeatureEngine:
             feats = self.forward(buf[: len(idx)]) if idx else np.empty((0, 0), np.float32)
             yield FeatureBatch(np.array(idx, dtype=np.int64), feats, failures, truncated)
 
-    def _built_while_decoding(self, decoded: Iterator[tuple[int, DecodedImage]]) -> Iterator[tuple[int, DecodedImage]]:
-        """``decoded`` as it is, with the model built (on this thread) once the pool has started on it.
 
-        The first item starts the pool, which goes on decoding its head while this thread builds the
-        runners: one core builds, the other decodes. The model is built on the calling thread because
-        Keras keeps its global state (dtype policy, seed generators) per thread. Not when the first file fails (strict
-        mode then stops before any model is built, as it always did) or when build_ahead_bytes is 0.
-        """
-        first = next(decoded, None)
-        if first is None:
-            return
-        if self.build_ahead_bytes and first[1].pixels is not None:
-            self.build_runners()
-        yield from itertools.chain([first], decoded)
-
-
-def decode_ahead(items: Sequence, decode, workers: int | None, lookahead: int,
-                 head: int = 0) -> Iterator[tuple[int, DecodedImage]]:
+def _decode_ahead(items: Sequence, decode, workers: int | None, lookahead: int) -> Iterator[tuple[int, DecodedImage]]:
     """``(i, decode(i, item))`` in input order, decoding up to ``lookahead`` items ahead in a thread pool
-    (Pillow and TensorFlow both release the GIL, so the CPU decodes the next batch while the backbone runs).
-
-    ``head`` (when larger than ``lookahead``): submit that many at the start, then top up only to
-    ``lookahead`` as items are taken, so the pool decodes far ahead while the consumer is busy with
-    something else at the start (building the model), and memory is bounded by ``max(head, lookahead)``
-    decoded items."""
+    (Pillow and TensorFlow both release the GIL, so the CPU decodes the next batch while the backbone runs)."""
     workers = workers or min(32, (os.cpu_count() or 1) + 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fracfeat-decode") as pool:
         pending: deque = deque()
         it = iter(enumerate(items))
-
-        def top_up(limit: int) -> None:
-            for i, item in it:
-                pending.append((i, pool.submit(decode, i, item)))
-                if len(pending) >= limit:
-                    break
-
-        top_up(max(head, lookahead))
+        for i, item in it:
+            pending.append((i, pool.submit(decode, i, item)))
+            if len(pending) >= lookahead:
+                break
         while pending:
             i, fut = pending.popleft()
-            if len(pending) < lookahead:
-                top_up(lookahead)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt[0], pool.submit(decode, *nxt)))
             yield i, fut.result()

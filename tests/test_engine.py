@@ -7,7 +7,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from conftest import REPO
 from fracfeat import DeepFeatures
 from fracfeat._backbones import backbone_spec
 from fracfeat._config import resolve_extractor
-from fracfeat._engine import FeatureEngine, decode_ahead
+from fracfeat._engine import FeatureEngine
 from fracfeat._errors import ImageError, MissingDependencyError
 from fracfeat._hardware import Hardware, choose_precision_and_runtime, keras_chunk_size, preferred_batch_size
 from fracfeat._images import load_image
@@ -286,51 +285,6 @@ def test_an_image_gets_the_same_features_anywhere_in_any_call(runtime, radiograp
 
 def test_keras_chunks_are_wider_on_a_gpu_only():
     assert keras_chunk_size(GPU_BF16) == keras_chunk_size(GPU_OLD) > keras_chunk_size(CPU) == keras_chunk_size(CPU_BF16)
-
-
-def test_the_decode_pool_works_through_its_head_while_the_consumer_is_busy_then_keeps_to_its_lookahead():
-    started = []
-
-    def decode(i, item):
-        started.append(i)
-        return item * 10
-
-    items = decode_ahead(range(60), decode, workers=2, lookahead=4, head=20)
-    assert next(items) == (0, 0)
-    deadline = time.monotonic() + 10
-    while len(started) < 20 and time.monotonic() < deadline:
-        time.sleep(0.01)  # the consumer busy elsewhere (building the model): the pool goes on
-    assert sorted(started) == list(range(20))  # the head, and not one item beyond it
-    taken = [(0, 0)]
-    for pair in items:
-        taken.append(pair)
-        assert len(started) - len(taken) <= 20  # decoded but not taken: never more than max(head, lookahead)
-    assert taken == [(i, i * 10) for i in range(60)]
-
-
-def test_the_head_decoded_while_the_model_builds_is_bounded_in_bytes():
-    config, resolved = resolve_extractor("vgg16", None, SIZE, precision="float32", runtime="keras")
-    per_image = SIZE * SIZE * 3
-    assert FeatureEngine(config, resolved)._build_ahead(64) == FeatureEngine.build_ahead_bytes // per_image
-    big, _ = resolve_extractor("vgg16", None, 2048, precision="float32", runtime="keras")
-    assert FeatureEngine(big, resolved)._build_ahead(64) == 64  # never less than the usual lookahead
-
-
-def test_building_the_model_while_decoding_gives_the_features_of_building_it_on_the_first_batch(
-        seven_files, monkeypatch):
-    # Keras: the runtime whose build depends on per-thread state (dtype policy, seeds for random weights).
-    config, resolved = resolve_extractor("vgg16", None, SIZE, precision="float32", runtime="keras")
-
-    def features(build_ahead_bytes):
-        monkeypatch.setattr(FeatureEngine, "build_ahead_bytes", build_ahead_bytes)
-        engine = FeatureEngine(config, resolved)
-        rows = np.concatenate([b.features for b in engine.iter_features(seven_files, batch_size=3)])
-        assert engine._build_ahead(16) == 0  # built: nothing left to hide, no extra memory held
-        return rows
-
-    before = features(0)
-    np.testing.assert_array_equal(features(32 * 2**20), before)
-    assert before.shape == (7, 512) and np.abs(before).sum() > 0
 
 
 def test_strict_mode_stops_at_a_bad_first_file_before_building_the_model(seven_files, tmp_path):
