@@ -15,7 +15,9 @@ identity, not the path, is in the fingerprint: an int8 version is its own store 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -65,6 +67,23 @@ def require_nncf(module: str = "nncf"):
     except MissingDependencyError as e:
         raise MissingDependencyError(f"{str(e).split('. Install it:')[0]}. Install it: pip install 'fracfeat[int8]' "
                                      f"(or: pip install nncf)") from None
+
+
+@contextlib.contextmanager
+def nncf_quietly(nncf):
+    """NNCF's INFO lines and its progress bars (rich, on stdout) kept off the user's terminal during the block;
+    shown as they come when the fracfeat logger is at DEBUG (``fracfeat --verbose``)."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf.set_log_level(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        nncf_log.setLevel(level)
 
 
 def resolve_quantized(value, config: ExtractorConfig) -> str:
@@ -180,11 +199,12 @@ def quantize(images, out, *, backbone: str = "vgg16", weights="imagenet", n: int
                "subset_size": int(subset_size or len(pixels)), "model_type": None, "ignored_types": list(IGNORED_TYPES)}
     log.info("quantizing %s at %d px on %d images (NNCF %s)", config.backbone, config.image_size, len(pixels),
              nncf.__version__)
-    quantized = nncf.quantize(ov_model, nncf.Dataset([p[None] for p in pixels]),
-                              preset=getattr(nncf.QuantizationPreset, preset.upper()),
-                              fast_bias_correction=options["fast_bias_correction"],
-                              subset_size=options["subset_size"],
-                              ignored_scope=nncf.IgnoredScope(types=list(IGNORED_TYPES), validate=False))
+    with nncf_quietly(nncf):
+        quantized = nncf.quantize(ov_model, nncf.Dataset([p[None] for p in pixels]),
+                                  preset=getattr(nncf.QuantizationPreset, preset.upper()),
+                                  fast_bias_correction=options["fast_bias_correction"],
+                                  subset_size=options["subset_size"],
+                                  ignored_scope=nncf.IgnoredScope(types=list(IGNORED_TYPES), validate=False))
     record = {"format": INT8_FORMAT[0], "format_version": INT8_FORMAT[1], "created": utc_now(),
               "float32_fingerprint": config.fingerprint, "extractor": config.as_dict(), "settings": chosen.given(),
               "weights_kind": resolved.kind, "weights_path": resolved.path or "", "calibration": calibration,

@@ -7,7 +7,9 @@ and damage copies of its folder. Correctness only: these hold on any x86-64 CPU 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import shutil
@@ -48,9 +50,12 @@ def int8_dir(tmp_path_factory, images):
     out = root / "vgg16-int8"
     log = logging.getLogger("fracfeat")
     saved = (list(log.handlers), log.level, log.propagate)
+    printed = io.StringIO()
     try:
-        assert cli.main(["-q", "quantize", str(manifest), "--out", str(out), "--n", "8", "--weights", "none",
-                         "--image-size", "64"]) == 0
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            assert cli.main(["-q", "quantize", str(manifest), "--out", str(out), "--n", "8", "--weights", "none",
+                             "--image-size", "64"]) == 0
+        (root / "printed.txt").write_text(printed.getvalue())
     finally:  # the CLI's logging set-up, undone (conftest's per-test undo runs after this module fixture)
         log.handlers[:], log.propagate = saved[0], saved[2]
         log.setLevel(saved[1])
@@ -73,6 +78,11 @@ def test_quantize_writes_a_folder_that_names_its_model_and_calibration(int8_dir,
     assert sums == sorted(sums) and sorted(im["path"] for im in cal["images"]) == sorted(images)
     assert record["nncf_version"] and record["openvino_version"] and record["nncf_options"]["preset"] == "performance"
     assert record["extractor"]["precision"] == "float32" and record["extractor"]["image_size"] == 64
+
+
+def test_quantize_keeps_nncf_progress_bars_and_info_lines_off_the_terminal(int8_dir):
+    printed = (int8_dir.parent / "printed.txt").read_text()
+    assert "Statistics collection" not in printed and "INFO:nncf" not in printed and printed.strip() == ""
 
 
 def test_the_calibration_sample_does_not_depend_on_the_order_of_the_images(int8_dir, images):
