@@ -503,11 +503,15 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _given_settings(args, skip) -> tuple[object, dict]:
+    """The weights and the extractor settings given to a command that takes `_add_settings_options` (less ``skip``)."""
+    settings = _given(**{name: getattr(args, name, None) for name in ExtractorSettings.names() if name not in skip})
+    return ("imagenet" if args.weights is None else args.weights), settings
+
+
 def cmd_calibrate(args) -> int:
-    settings = _given(**{name: getattr(args, name, None) for name in ExtractorSettings.names()
-                         if name not in CALIBRATED})
-    decision = calibrate(weights="imagenet" if args.weights is None else args.weights, n_images=args.images,
-                         repeats=args.repeats, **settings)
+    weights, settings = _given_settings(args, CALIBRATED)
+    decision = calibrate(weights=weights, n_images=args.images, repeats=args.repeats, **settings)
     if args.json:
         _print_json({**decision, "cache_file": str(cache_file())})
         return 0
@@ -516,10 +520,9 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    settings = _given(**{name: getattr(args, name, None) for name in ExtractorSettings.names()
-                         if name not in NOT_QUANTIZE_SETTINGS})
-    record = quantize(args.images, args.out, weights="imagenet" if args.weights is None else args.weights, n=args.n,
-                      preset=args.quantize_preset, fast_bias_correction=not args.full_bias_correction, **settings)
+    weights, settings = _given_settings(args, NOT_QUANTIZE_SETTINGS)
+    record = quantize(args.images, args.out, weights=weights, n=args.n, preset=args.quantize_preset,
+                      fast_bias_correction=not args.full_bias_correction, **settings)
     if args.json:
         _print_json(record)
         return 0
@@ -771,7 +774,8 @@ def _add_calibrate_command(sub, common) -> None:
                        description="Time every extraction path this CPU has (Keras and OpenVINO, float32 and "
                                    "bfloat16 where the CPU does it in hardware) for a backbone, keep the fastest "
                                    "whose features agree with float32 Keras (cosine >= 0.999 per image), and cache "
-                                   "the choice: precision and runtime \"auto\" use it from then on.")
+                                   "the choice: precision and runtime \"auto\" use it from then on. With --quantized "
+                                   "DIR the int8 model is timed beside them (bound 0.98); \"auto\" never picks it.")
     _add_settings_options(p.add_argument_group("the extractor to calibrate (as extract's options)"), skip=CALIBRATED)
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES, metavar="N",
                    help=f"synthetic images per timed batch (default {DEFAULT_IMAGES})")
