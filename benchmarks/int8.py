@@ -43,7 +43,7 @@ from fracfeat import _runtimes  # noqa: E402
 from fracfeat._config import ExtractorSettings  # noqa: E402
 from fracfeat._engine import FeatureEngine  # noqa: E402
 from fracfeat._hardware import Hardware, describe_machine  # noqa: E402
-from fracfeat._path_choice import cosine_per_image  # noqa: E402
+from fracfeat._path_choice import cosine_per_image, time_interleaved  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 FRACATLAS = SHARED / "data" / "fracatlas"
@@ -99,13 +99,7 @@ def paths_of(settings, weights, quantized) -> dict:
 
 def timed(paths: dict, images: np.ndarray, repeats: int) -> tuple[dict, dict]:
     """Images/s (median of ``repeats``, paths interleaved) and each path's features."""
-    features = {name: run(images) for name, run in paths.items()}  # warm-up: tracing, compilation
-    seconds = {name: [] for name in paths}
-    for _ in range(repeats):
-        for name, run in paths.items():
-            t = time.perf_counter()
-            run(images)
-            seconds[name].append(time.perf_counter() - t)
+    features, seconds = time_interleaved(paths, images, repeats)
     rows = {name: {"images_per_s": round(len(images) / statistics.median(s), 2), "runs_s": [round(x, 3) for x in s]}
             for name, s in seconds.items()}
     return rows, features

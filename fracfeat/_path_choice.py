@@ -193,6 +193,19 @@ def choose(rows: list[dict], precision: str = "auto", runtime: str = "auto",
     return max(fits, key=lambda r: r["images_per_s"]) if fits else None
 
 
+def time_interleaved(runners: dict, images: np.ndarray, repeats: int) -> tuple[dict, dict]:
+    """Each runner's features of ``images`` (its first call, also the warm-up: tracing, compilation) and the
+    seconds of ``repeats`` more calls, the runners interleaved so load drifts hit them alike."""
+    features = {name: run(images) for name, run in runners.items()}
+    seconds = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run(images)
+            seconds[name].append(time.perf_counter() - t)
+    return features, seconds
+
+
 def measure_paths(settings, weights, image_size: int, candidates: list[tuple[str, str]],
                   n_images: int = DEFAULT_IMAGES, repeats: int = DEFAULT_REPEATS) -> list[dict]:
     """Images/s (median of ``repeats``, candidates interleaved so load drifts hit them alike) and the
@@ -200,7 +213,7 @@ def measure_paths(settings, weights, image_size: int, candidates: list[tuple[str
     if REFERENCE not in candidates:
         candidates = [REFERENCE, *candidates]
     images = synthetic_images(n_images, image_size)
-    runners, features = {}, {}
+    runners = {}
     for path in candidates:
         precision, runtime = path
         config, resolved = settings.replace(precision=precision, runtime=runtime, image_size=image_size, tiles=1,
@@ -208,13 +221,7 @@ def measure_paths(settings, weights, image_size: int, candidates: list[tuple[str
                                             quantized=settings.quantized if precision == "int8" else None,
                                             ).resolve(weights)
         runners[path] = build_runner(config, resolved)
-        features[path] = runners[path](images)  # also the warm-up: graph tracing, compilation
-    seconds = {path: [] for path in candidates}
-    for _ in range(repeats):
-        for path in candidates:
-            t = time.perf_counter()
-            runners[path](images)
-            seconds[path].append(time.perf_counter() - t)
+    features, seconds = time_interleaved(runners, images, repeats)
     rows = []
     for precision, runtime in candidates:
         cos = cosine_per_image(features[precision, runtime], features[REFERENCE])

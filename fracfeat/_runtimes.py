@@ -256,11 +256,11 @@ class OpenVINORunner:
         n_requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         # A queue of requests: each takes the next OPENVINO_IMAGES_PER_REQUEST images as soon as it is free, so
         # a stream slowed by a decode thread never holds the others back (they waited for each other on
-        # every chunk before: +3% ResNet50 images/s in an A/B, features bit-identical).
+        # every chunk before: +2-7% images/s in A/Bs at load 5-8, features bit-identical).
         self._queue = ov.AsyncInferQueue(self.compiled, n_requests)
         self._queue.set_callback(self._keep_output)
         self._outputs: list = []
-        self.chunk_size = OPENVINO_IMAGES_PER_REQUEST * n_requests
+        self.chunk_size = OPENVINO_IMAGES_PER_REQUEST * n_requests  # images the requests hold at once
 
     @staticmethod
     def _save(ov, ov_model, versions: dict, root: Path, key: str) -> None:
